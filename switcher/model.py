@@ -1,0 +1,74 @@
+"""Plain values that cross the public API."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+class FailureKind(enum.StrEnum):
+    """Why a request failed, as far as switching is concerned."""
+
+    RATE_LIMIT = "rate_limit"
+    AUTH = "auth"
+
+
+class Outcome(enum.StrEnum):
+    SWITCHED = "switched"
+    """The agent now uses another subscription; a restart message was enqueued."""
+    STALE = "stale"
+    """The report is about a subscription the agent no longer uses (someone else switched it)."""
+    NO_ALTERNATIVE = "no_alternative"
+    """The failure was recorded; no other subscription is enabled, cool, and under its limit."""
+    DISABLED = "disabled"
+    """The failure was recorded; auto-switch is off cluster-wide."""
+    NOT_SUBSCRIPTION_BACKED = "not_subscription_backed"
+    """The agent has no subscription assigned; there is nothing to switch."""
+    UNCHANGED = "unchanged"
+    """``assign()`` to the subscription the agent already has: nothing to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchResult:
+    """What ``handle_failure`` did.
+
+    ``old_subscription`` is the agent's subscription when the call decided, ``new_subscription`` the
+    one after it (equal unless ``SWITCHED``); ``generation`` is the agent's generation after the call;
+    ``restart_id`` is the outbox message carrying the restart (``SWITCHED`` only).
+    """
+
+    outcome: Outcome
+    agent: str
+    old_subscription: str | None
+    new_subscription: str | None
+    generation: int
+    restart_id: int | None = None
+
+    @property
+    def switched(self) -> bool:
+        return self.outcome is Outcome.SWITCHED
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    name: str
+    credential_ref: str
+    priority: int
+    max_agents: int | None
+    enabled: bool
+    assigned: int
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    name: str
+    subscription: str | None
+    container: str | None
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    auto_switch: bool
+    cooldown_window: timedelta
