@@ -15,7 +15,8 @@ _STATUS = {
 
 # A process that was killed is not a credential problem, whatever else its log says.
 _KILLED = re.compile(
-    r"\b(sig(term|kill|int)|killed|oom|out of memory|exit (code|status) (137|143)|signal 9|(process|container|worker) (was )?terminated)\b",
+    r"\b(sig(term|kill|int)|killed|oom|out of memory|exit (code|status) (137|143)|signal 9|"
+    r"(process|container|worker) (was )?terminated)\b",
     re.IGNORECASE,
 )
 _RATE_LIMIT = re.compile(

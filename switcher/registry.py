@@ -66,7 +66,9 @@ def add_agent(
         and _CONTAINER_NAME.fullmatch(container)
         and len(container) <= validate.MAX_NAME_LENGTH
     ):
-        raise InvalidInput(f"container must be a Docker container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*), got {container!r}")
+        raise InvalidInput(
+            f"container must be a Docker container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*), got {container!r}"
+        )
     sub_id = None
     if sub_name is not None:
         sub = conn.execute(
@@ -155,5 +157,3 @@ def update_settings(
         values,
     ).one()
     return Settings(row.auto_switch, row.cooldown_window)
-
-

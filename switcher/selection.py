@@ -42,7 +42,10 @@ class LeastLoaded:
 
 
 class ByPriority:
-    """Lowest ``priority`` value first, then fewest assigned agents, then id: fill preferred accounts first."""
+    """Lowest ``priority`` value first, then fewest assigned agents, then id.
+
+    Fills preferred accounts first.
+    """
 
     def rank(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
         return sorted(candidates, key=lambda c: (c.priority, c.assigned, c.id))

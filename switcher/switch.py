@@ -3,13 +3,28 @@
 Written once, synchronously, against a SQLAlchemy ``Connection``; ``AsyncSwitcher`` runs the same
 functions through ``AsyncConnection.run_sync``.
 
+How one report is handled (READ COMMITTED, one transaction or a savepoint of the caller's):
+
+1. An unlocked look resolves the names and sets ``lock_timeout``. If the agent has visibly left the
+   reported subscription already, the answer is ``STALE`` at once: no lock, no write.
+2. ``SELECT ... FOR UPDATE`` of the agent row *on condition that it still uses the reported
+   subscription*. This is the stale guard, evaluated by Postgres against the newest row version once
+   the lock is free: reports that queued behind the winner's switch find no row and answer ``STALE``
+   together, instead of taking the lock one after another. The failure is recorded in the same
+   statement (always, auto-switch on or off: it is what puts the subscription into cooldown).
+3. Candidates are read in a new statement (so they include what the previous lock holder committed),
+   ranked by the policy, and the first one with room is taken.
+4. The agent is moved, the switch logged and the restart enqueued (with ``NOTIFY``); commit.
+
 Lock order (the only locks taken, always in this order, so switches cannot deadlock each other):
 
 1. the agent's row, ``FOR UPDATE`` -- serializes every switch and assignment of that agent, in any
    process on any host;
-2. at most one capacity-limited subscription row at a time, ``FOR NO KEY UPDATE`` -- only when the
-   chosen alternative has ``max_agents``. A candidate found full is released again by rolling back to
-   the savepoint taken before locking it. ``NO KEY UPDATE`` still lets failures be recorded against it.
+2. at most one capacity-limited subscription row at a time, ``FOR NO KEY UPDATE`` (which still lets
+   failures be recorded against it) -- only when the chosen alternative has ``max_agents``. A
+   candidate found full is released by rolling back to the savepoint taken before locking it.
+   Candidates locked by another switch are skipped at first and waited for only if no other has room,
+   so a herd spreads over the alternatives instead of queueing on the first.
 
 Nothing else is locked: switches of different agents onto unlimited subscriptions never wait on each
 other. Deadlocks (40P01) and serialization failures (40001), which only foreign code sharing the
@@ -19,7 +34,8 @@ transaction could cause, are retried a bounded number of times; a lock wait long
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -47,8 +63,12 @@ class SwitchOptions:
     """Extra attempts after a deadlock or serialization failure."""
 
     def __post_init__(self) -> None:
-        if not timedelta(0) < self.lock_timeout <= timedelta(hours=1):
-            raise InvalidInput(f"lock_timeout must be above 0 and at most 1 hour, got {self.lock_timeout}")
+        if not isinstance(self.lock_timeout, timedelta) or not (
+            timedelta(0) < self.lock_timeout <= timedelta(hours=1)
+        ):
+            raise InvalidInput(
+                f"lock_timeout must be a timedelta above 0 and at most 1 hour, got {self.lock_timeout!r}"
+            )
         validate.integer(self.max_retries, "max_retries", minimum=0)
 
     @property
@@ -56,8 +76,6 @@ class SwitchOptions:
         return f"{max(1, round(self.lock_timeout.total_seconds() * 1000))}ms"
 
 
-# Unlocked first look: resolves names, sets the lock timeout, and lets a visibly stale report leave
-# without queueing behind the lock holder. current_setting runs before set_config (left to right).
 _LOOK = text(
     """
     SELECT a.id, a.subscription_id, a.generation, cur.name AS current_name,
@@ -70,32 +88,35 @@ _LOOK = text(
     """
 )
 
-# Lock the agent and record the failure (always: the failure is a fact about the subscription, and it
-# is what puts that subscription into cooldown). Settings are read here, not cached: every process
-# must agree on them.
-_LOCK_AND_RECORD = text(
+# Settings are read here, not cached: every process must agree on them.
+_LOCK_IF_CURRENT_AND_RECORD = text(
     """
     WITH locked AS (
         SELECT id, subscription_id, generation, container
-        FROM switcher.agents WHERE id = :agent_id
+        FROM switcher.agents
+        WHERE id = :agent_id AND subscription_id = :snapshot_id
         FOR UPDATE
     ), failure AS (
         INSERT INTO switcher.failures (agent_id, subscription_id, kind, message)
-        SELECT id, :snapshot_id, :kind, :message FROM locked
-        RETURNING id
+        SELECT id, subscription_id, :kind, :message FROM locked
     )
-    SELECT l.subscription_id, l.generation, l.container,
-           (SELECT s.name FROM switcher.subscriptions s WHERE s.id = l.subscription_id) AS current_name,
+    SELECT l.generation, l.container,
            COALESCE((SELECT auto_switch FROM switcher.settings WHERE id = 1), true) AS auto_switch,
            COALESCE((SELECT cooldown_window FROM switcher.settings WHERE id = 1), interval '2 hours')
-               AS cooldown_window,
-           (SELECT id FROM failure) AS failure_id
+               AS cooldown_window
     FROM locked l
     """
 )
 
-# A separate statement from the lock on purpose: after waiting for the lock, a new statement sees
-# what the previous holder committed (READ COMMITTED takes a fresh snapshot per statement).
+# After the guarded lock found no row: why not (gone, unassigned, or moved on)?
+_CURRENT = text(
+    """
+    SELECT a.subscription_id, a.generation, s.name AS current_name
+    FROM switcher.agents a LEFT JOIN switcher.subscriptions s ON s.id = a.subscription_id
+    WHERE a.id = :agent_id
+    """
+)
+
 _CANDIDATES = text(
     """
     SELECT s.id, s.name, s.priority, s.max_agents,
@@ -113,8 +134,12 @@ _CANDIDATES = text(
 _LOCK_SUBSCRIPTION = text(
     "SELECT max_agents, enabled FROM switcher.subscriptions WHERE id = :id FOR NO KEY UPDATE"
 )
+_LOCK_SUBSCRIPTION_SKIP_LOCKED = text(
+    "SELECT max_agents, enabled FROM switcher.subscriptions WHERE id = :id FOR NO KEY UPDATE SKIP LOCKED"
+)
 
-# Under the subscription's lock: its load, and whether it started failing since we listed candidates.
+# A separate statement from the lock: after a lock wait, only a new statement sees what the previous
+# holder committed (READ COMMITTED takes a snapshot per statement).
 _LOAD = text(
     """
     SELECT (SELECT count(*) FROM switcher.agents WHERE subscription_id = :id) AS assigned,
@@ -163,16 +188,13 @@ def handle_failure(
 ) -> SwitchResult:
     """Run the switch on ``conn``: in a transaction of its own, or (``joined``) in a savepoint of the
     caller's transaction, which the caller then commits or rolls back."""
-    agent_name = validate.name(agent, "agent")
-    snapshot = validate.optional_name(failed_subscription, "failed_subscription")
-    failure_kind = validate.kind(kind)
-    stored_message = validate.message(message)
-    return run_transaction(
-        conn,
-        joined,
-        options,
-        lambda: _switch(conn, agent_name, snapshot, failure_kind, stored_message, options, joined),
+    report = _Report(
+        agent=validate.name(agent, "agent"),
+        snapshot=validate.optional_name(failed_subscription, "failed_subscription"),
+        kind=validate.kind(kind),
+        message=validate.message(message),
     )
+    return run_transaction(conn, joined, options, lambda: _switch(conn, report, options, joined))
 
 
 def assign(conn: Connection, *, agent: object, subscription: object, options: SwitchOptions) -> SwitchResult:
@@ -201,15 +223,16 @@ def run_transaction(conn: Connection, joined: bool, options: SwitchOptions, body
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _switch(
-    conn: Connection,
-    agent: str,
-    snapshot: str | None,
-    kind: FailureKind,
-    message: str,
-    options: SwitchOptions,
-    joined: bool,
-) -> SwitchResult:
+@dataclass(frozen=True, slots=True)
+class _Report:
+    agent: str
+    snapshot: str | None
+    kind: FailureKind
+    message: str
+
+
+def _switch(conn: Connection, report: _Report, options: SwitchOptions, joined: bool) -> SwitchResult:
+    agent, snapshot = report.agent, report.snapshot
     look = conn.execute(
         _LOOK, {"agent": agent, "snapshot": snapshot, "lock_timeout": options.lock_timeout_setting}
     ).one_or_none()
@@ -225,79 +248,119 @@ def _switch(
         return _unchanged(Outcome.STALE, agent, look.current_name, look.generation)
 
     locked = conn.execute(
-        _LOCK_AND_RECORD,
-        {"agent_id": look.id, "snapshot_id": snapshot_id, "kind": kind.value, "message": message},
+        _LOCK_IF_CURRENT_AND_RECORD,
+        {
+            "agent_id": look.id,
+            "snapshot_id": snapshot_id,
+            "kind": report.kind.value,
+            "message": report.message,
+        },
     ).one_or_none()
     if locked is None:
-        raise UnknownAgent(agent)  # deleted while we waited for it
-    result = _decide(conn, look.id, agent, snapshot_id, kind, message, locked, options)
+        result = _not_locked(conn, agent, look.id)
+    else:
+        result = _decide(
+            conn,
+            report,
+            agent_id=look.id,
+            from_subscription=(snapshot_id, look.current_name),
+            locked=locked,
+            options=options,
+        )
     if joined:
         conn.execute(_SET_LOCK_TIMEOUT, {"value": look.previous_lock_timeout})
     return result
 
 
+def _not_locked(conn: Connection, agent: str, agent_id: int) -> SwitchResult:
+    """The guarded lock found no row: the stale guard fired (or the agent changed under us)."""
+    current = conn.execute(_CURRENT, {"agent_id": agent_id}).one_or_none()
+    if current is None:
+        raise UnknownAgent(agent)  # deleted while we waited for it
+    if current.subscription_id is None:
+        return _unchanged(Outcome.NOT_SUBSCRIPTION_BACKED, agent, None, current.generation)
+    return _unchanged(Outcome.STALE, agent, current.current_name, current.generation)
+
+
 def _decide(
     conn: Connection,
+    report: _Report,
+    *,
     agent_id: int,
-    agent: str,
-    snapshot_id: int,
-    kind: FailureKind,
-    message: str,
+    from_subscription: tuple[int, str],
     locked: Row[Any],
     options: SwitchOptions,
 ) -> SwitchResult:
-    if locked.subscription_id is None:
-        return _unchanged(Outcome.NOT_SUBSCRIPTION_BACKED, agent, None, locked.generation)
-    if locked.subscription_id != snapshot_id:
-        # The stale guard: another switch won while we waited for the lock.
-        return _unchanged(Outcome.STALE, agent, locked.current_name, locked.generation)
+    agent = report.agent
+    from_id, from_name = from_subscription
     if not locked.auto_switch:
-        return _unchanged(Outcome.DISABLED, agent, locked.current_name, locked.generation)
+        return _unchanged(Outcome.DISABLED, agent, from_name, locked.generation)
 
-    rows = conn.execute(
-        _CANDIDATES, {"failed_id": snapshot_id, "cooldown_window": locked.cooldown_window}
-    ).all()
+    rows = conn.execute(_CANDIDATES, {"failed_id": from_id, "cooldown_window": locked.cooldown_window}).all()
     candidates = [Candidate(r.id, r.name, r.priority, r.max_agents, r.assigned) for r in rows]
-    for candidate in options.policy.rank([c for c in candidates if c.has_room]):
-        if candidate.max_agents is None or _reserve(conn, candidate.id, locked.cooldown_window):
-            generation, restart_id = _move(
-                conn,
-                agent_id=agent_id,
-                agent=agent,
-                container=locked.container,
-                from_id=snapshot_id,
-                to=candidate,
-                kind=kind,
-                reason=message,
-            )
-            return SwitchResult(
-                Outcome.SWITCHED, agent, locked.current_name, candidate.name, generation, restart_id
-            )
-    return _unchanged(Outcome.NO_ALTERNATIVE, agent, locked.current_name, locked.generation)
+    ranked = options.policy.rank([c for c in candidates if c.has_room])
+    chosen = _reserve_first(conn, ranked, locked.cooldown_window)
+    if chosen is None:
+        return _unchanged(Outcome.NO_ALTERNATIVE, agent, from_name, locked.generation)
+    generation, restart_id = _move(
+        conn,
+        agent_id=agent_id,
+        agent=agent,
+        container=locked.container,
+        from_id=from_id,
+        to=chosen,
+        kind=report.kind,
+        reason=report.message,
+    )
+    return SwitchResult(Outcome.SWITCHED, agent, from_name, chosen.name, generation, restart_id)
 
 
-def _reserve(conn: Connection, subscription_id: int, cooldown_window: timedelta | None) -> bool:
-    """Lock a capacity-limited subscription and check it still has room (and is still usable).
+class _Reservation(enum.Enum):
+    RESERVED = enum.auto()
+    FULL = enum.auto()
+    BUSY = enum.auto()
 
-    On ``False`` the lock is released again (rollback to the savepoint), so a switch holds at most one
-    subscription lock and never waits on a second while holding a first.
+
+def _reserve_first(
+    conn: Connection, ranked: Sequence[Candidate], cooldown_window: timedelta
+) -> Candidate | None:
+    """The first ranked candidate that has room. Unlimited ones need no lock; capacity-limited ones
+    are locked and re-counted, first without waiting on other switches, then (if needed) waiting."""
+    busy: list[Candidate] = []
+    for candidate in ranked:
+        if candidate.max_agents is None:
+            return candidate
+        reservation = _reserve(conn, candidate.id, cooldown_window, wait=False)
+        if reservation is _Reservation.RESERVED:
+            return candidate
+        if reservation is _Reservation.BUSY:
+            busy.append(candidate)
+    for candidate in busy:
+        if _reserve(conn, candidate.id, cooldown_window, wait=True) is _Reservation.RESERVED:
+            return candidate
+    return None
+
+
+def _reserve(
+    conn: Connection, subscription_id: int, cooldown_window: timedelta, *, wait: bool
+) -> _Reservation:
+    """Lock a capacity-limited subscription and check it still has room and is still usable.
+
+    Unless reserved, the lock is released again (rollback to the savepoint), so a switch holds at most
+    one subscription lock and never waits on a second while holding a first.
     """
     savepoint = conn.begin_nested()
-    sub = conn.execute(_LOCK_SUBSCRIPTION, {"id": subscription_id}).one_or_none()
-    load = conn.execute(
-        _LOAD, {"id": subscription_id, "cooldown_window": cooldown_window or timedelta(0)}
-    ).one()
-    usable = (
-        sub is not None
-        and sub.enabled
-        and not load.cooling
-        and (sub.max_agents is None or load.assigned < sub.max_agents)
-    )
-    if usable:
-        savepoint.commit()
-    else:
+    lock = _LOCK_SUBSCRIPTION if wait else _LOCK_SUBSCRIPTION_SKIP_LOCKED
+    sub = conn.execute(lock, {"id": subscription_id}).one_or_none()
+    if sub is None:
         savepoint.rollback()
-    return usable
+        return _Reservation.BUSY  # locked by another switch (SKIP LOCKED), or deleted
+    load = conn.execute(_LOAD, {"id": subscription_id, "cooldown_window": cooldown_window}).one()
+    if sub.enabled and not load.cooling and (sub.max_agents is None or load.assigned < sub.max_agents):
+        savepoint.commit()
+        return _Reservation.RESERVED
+    savepoint.rollback()
+    return _Reservation.FULL
 
 
 def _move(
@@ -347,14 +410,13 @@ def _assign(conn: Connection, agent: str, target: str, options: SwitchOptions) -
         return _unchanged(Outcome.UNCHANGED, agent, target, locked.generation)
     if sub.max_agents is not None:
         reserve_capacity(conn, sub.id, target)
-    to = Candidate(sub.id, sub.name, sub.priority, sub.max_agents, 0)
     generation, restart_id = _move(
         conn,
         agent_id=locked.id,
         agent=agent,
         container=locked.container,
         from_id=locked.subscription_id,
-        to=to,
+        to=Candidate(sub.id, sub.name, sub.priority, sub.max_agents, 0),
         kind=None,
         reason="manual assignment",
     )

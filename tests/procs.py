@@ -21,7 +21,9 @@ Outcome = tuple[str, str | None]
 _ctx = mp.get_context("spawn")
 
 
-def run_together(target: Callable[..., list[Outcome]], args: Sequence[tuple[Any, ...]], timeout: float = 120) -> list[Outcome]:
+def run_together(
+    target: Callable[..., list[Outcome]], args: Sequence[tuple[Any, ...]], timeout: float = 120
+) -> list[Outcome]:
     """Start ``target(barrier, *a)`` for each ``a`` in its own process; return all outcomes, flattened."""
     barrier = _ctx.Barrier(len(args))
     queue = _ctx.Queue()
@@ -55,12 +57,17 @@ def _outcome(call: Callable[[], Any]) -> Outcome:
     return (result.outcome.value, result.new_subscription)
 
 
-def report_sync(barrier: Any, url: str, reports: Sequence[Report], lock_timeout: float = 10.0) -> list[Outcome]:
+def report_sync(
+    barrier: Any, url: str, reports: Sequence[Report], lock_timeout: float = 10.0
+) -> list[Outcome]:
     """A scheduler-like process: reports failures one after another through the sync API."""
     with Switcher.from_url(url, lock_timeout=timedelta(seconds=lock_timeout)) as sw:
         sw.settings()  # connect before the start signal
         barrier.wait()
-        return [_outcome(lambda r=r: sw.handle_failure(r[0], r[1], r[2], "429 Too Many Requests")) for r in reports]
+        return [
+            _outcome(lambda r=r: sw.handle_failure(r[0], r[1], r[2], "429 Too Many Requests"))
+            for r in reports
+        ]
 
 
 def report_async(barrier: Any, url: str, reports: Sequence[Report]) -> list[Outcome]:

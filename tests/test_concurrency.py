@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from switcher import FailureKind, Outcome, Switcher, SwitchBusy
+from switcher import FailureKind, Outcome, SwitchBusy, Switcher
 from tests.conftest import count
 from tests.procs import report_async, report_sync, run_together
 
@@ -104,7 +104,9 @@ def test_no_ping_pong_when_both_subscriptions_fail_within_the_window(sw: Switche
     assert _outcomes(second)[Outcome.SWITCHED] == 0, "G7: A is cooling down, so no switch back"
     assert sw.current_subscription("alice") == "B"
     assert count(sw, "switches") == 1
-    assert count(sw, "failures", "subscription_id = (SELECT id FROM switcher.subscriptions WHERE name='B')") >= 1
+    assert (
+        count(sw, "failures", "subscription_id = (SELECT id FROM switcher.subscriptions WHERE name='B')") >= 1
+    )
 
 
 def test_disabled_auto_switch_records_the_failure_and_does_not_switch(sw: Switcher, url: str) -> None:
@@ -151,3 +153,27 @@ def test_switch_busy_in_process(sw: Switcher, url: str) -> None:
             holder.rollback()
     finally:
         impatient.close()
+
+
+def test_a_busy_capacity_limited_alternative_is_skipped_not_waited_for(sw: Switcher, url: str) -> None:
+    _setup(sw, {"A": None, "B": 5, "C": 5}, {"alice": "A", "bob": "A"})
+    with sw.engine.connect() as holder:
+        holder.begin()
+        held = sw.handle_failure("alice", "A", RL, "429", connection=holder)
+        assert held.new_subscription == "B"  # B's row stays locked until this transaction ends
+
+        [bob] = run_together(report_sync, [(url, [("bob", "A", RL)], 30.0)])
+        assert bob == (Outcome.SWITCHED, "C"), "a herd spreads over free alternatives instead of queueing"
+        holder.commit()
+
+
+def test_the_only_alternative_with_capacity_is_waited_for_boundedly(sw: Switcher, url: str) -> None:
+    _setup(sw, {"A": None, "B": 5}, {"alice": "A", "bob": "A"})
+    with sw.engine.connect() as holder:
+        holder.begin()
+        sw.handle_failure("alice", "A", RL, "429", connection=holder)
+        [busy] = run_together(report_sync, [(url, [("bob", "A", RL)], 0.3)])
+        assert busy[0] == "error:SwitchBusy", "capacity requires waiting on B; the wait is bounded"
+        holder.commit()
+    assert sw.handle_failure("bob", "A", RL).new_subscription == "B"
+    assert sw.subscription("B").assigned == 2

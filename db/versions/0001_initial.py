@@ -120,9 +120,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.Text, nullable=False),
         sa.Column("agent_id", sa.BigInteger, nullable=False),
         sa.Column("generation", sa.BigInteger, nullable=False),
-        sa.Column(
-            "payload", postgresql.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")
-        ),
+        sa.Column("payload", postgresql.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
         sa.Column("status", sa.Text, nullable=False, server_default=sa.text("'pending'")),
         sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("available_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
@@ -176,7 +174,7 @@ def upgrade() -> None:
         sa.CheckConstraint("cooldown_window >= interval '0'", name="settings_cooldown_window_check"),
         schema=S,
     )
-    op.execute(f"INSERT INTO {S}.settings (id) VALUES (1)")
+    op.execute("INSERT INTO switcher.settings (id) VALUES (1)")
 
 
 def downgrade() -> None:

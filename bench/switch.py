@@ -1,0 +1,284 @@
+"""Benchmark the switch against real PostgreSQL. Prints figures; asserts nothing about speed.
+
+    python bench/switch.py                          # throwaway embedded PostgreSQL
+    python bench/switch.py --database-url URL       # an existing server (creates and drops its own databases)
+
+Measures, in separate OS processes started together on a barrier:
+  * throughput: switches per second on distinct agents at 1 and 8 clients, beside
+    ``pgbench -b tpcb-like`` at the same client counts on the same server (when pgbench is installed);
+  * burst: 64 concurrent reports of one failure of one agent from 8 processes -> switches (must be 1)
+    and call latency p50/p99, against the single-switch latency;
+  * herd: 200 agents on one subscription failing at once from 8 processes, onto capacity-limited
+    alternatives -> all switched, capacity respected, latency p50/p99 and time to settle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing as mp
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import create_engine, pool, text
+from sqlalchemy.engine import URL
+
+from switcher import AsyncSwitcher, FailureKind, Outcome, Switcher, database_url
+from switcher.testing import postgres_server
+
+RL = FailureKind.RATE_LIMIT
+CTX = mp.get_context("spawn")
+
+
+# --- workers (run in child processes) -------------------------------------------------------------
+
+
+def throughput_worker(barrier: Any, url: str, agents: list[str], seconds: float) -> tuple[int, list[float]]:
+    """Switch its own agents round-robin for ``seconds``; return (switches, latency of every call)."""
+    current = dict.fromkeys(agents, "A")
+    latencies: list[float] = []
+    switches = 0
+    with Switcher.from_url(url, pool_size=1) as sw:
+        sw.settings()
+        barrier.wait()
+        deadline = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < deadline:
+            agent = agents[i % len(agents)]
+            i += 1
+            start = time.perf_counter()
+            result = sw.handle_failure(agent, current[agent], RL, "429 Too Many Requests")
+            latencies.append(time.perf_counter() - start)
+            # With a zero cooldown window a concurrent failure can still make every alternative "cooling"
+            # for an instant (NO_ALTERNATIVE); only real switches are counted.
+            switches += result.outcome is Outcome.SWITCHED
+            current[agent] = result.new_subscription or current[agent]
+    return switches, latencies
+
+
+Round = tuple[float, float, list[tuple[str, float]]]  # wall start, wall end, (outcome, latency) per call
+
+
+def concurrent_worker(
+    barrier: Any, url: str, rounds: list[list[tuple[str, str]]], pool_size: int
+) -> list[Round]:
+    """For each round: wait on the barrier, then report all of the round's failures concurrently."""
+
+    async def main() -> list[Round]:
+        asw = AsyncSwitcher.from_url(
+            url, pool_size=pool_size, max_overflow=0, lock_timeout=timedelta(seconds=30)
+        )
+        try:
+            await asyncio.gather(*(asw.settings() for _ in range(pool_size)))
+            out = []
+            for reports in rounds:
+                await asyncio.to_thread(barrier.wait)
+                start = time.time()
+                calls = await asyncio.gather(*(timed(asw, a, s) for a, s in reports))
+                out.append((start, time.time(), list(calls)))
+            return out
+        finally:
+            await asw.close()
+
+    async def timed(asw: AsyncSwitcher, agent: str, snapshot: str) -> tuple[str, float]:
+        start = time.perf_counter()
+        result = await asw.handle_failure(agent, snapshot, RL, "429 Too Many Requests")
+        return result.outcome.value, time.perf_counter() - start
+
+    return asyncio.run(main())
+
+
+# --- driver -----------------------------------------------------------------------------------------
+
+
+def run_processes(target: Any, args: list[tuple[Any, ...]]) -> list[Any]:
+    barrier = CTX.Barrier(len(args))
+    queue = CTX.Queue()
+    procs = [CTX.Process(target=_call, args=(queue, i, target, barrier, *a)) for i, a in enumerate(args)]
+    for p in procs:
+        p.start()
+    results: list[Any] = [None] * len(args)
+    for _ in procs:
+        i, ok, value = queue.get(timeout=600)
+        if not ok:
+            raise RuntimeError(value)
+        results[i] = value
+    for p in procs:
+        p.join()
+    return results
+
+
+def _call(queue: Any, index: int, target: Any, barrier: Any, *args: Any) -> None:
+    import traceback
+
+    try:
+        queue.put((index, True, target(barrier, *args)))
+    except BaseException:
+        queue.put((index, False, traceback.format_exc()))
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: URL, name: str) -> Iterator[URL]:
+    admin = create_engine(server_url, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server_url.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def libpq_env(url: URL) -> dict[str, str]:
+    env = dict(os.environ)
+    host = url.query.get("host") or url.host
+    for key, value in (
+        ("PGHOST", host),
+        ("PGPORT", url.port),
+        ("PGUSER", url.username),
+        ("PGPASSWORD", url.password),
+        ("PGDATABASE", url.database),
+    ):
+        if value:
+            env[key] = str(value)
+    return env
+
+
+def pgbench_tps(url: URL, clients: list[int], seconds: float) -> dict[int, float] | None:
+    pgbench = shutil.which("pgbench")
+    if pgbench is None:
+        return None
+    env = libpq_env(url)
+    subprocess.run([pgbench, "-i", "-q", "-s", str(max(clients))], env=env, check=True, capture_output=True)
+    out: dict[int, float] = {}
+    for n in clients:
+        run = subprocess.run(
+            [pgbench, "-b", "tpcb-like", "-n", "-c", str(n), "-j", str(n), "-T", str(int(seconds))],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        match = re.search(r"tps = ([\d.]+)", run.stdout)
+        out[n] = float(match.group(1)) if match else float("nan")
+    return out
+
+
+def setup(url: str, subscriptions: dict[str, int | None], agents: dict[str, str]) -> None:
+    with Switcher.from_url(url) as sw:
+        sw.migrate()
+        sw.set_cooldown_window(0)  # the throughput loop moves agents back and forth on purpose
+        for name, cap in subscriptions.items():
+            sw.add_subscription(name, credential_ref=f"env:TOKEN_{name}", max_agents=cap)
+        for agent, sub in agents.items():
+            sw.add_agent(agent, subscription=sub, container=f"agent-{agent}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--database-url", default=os.environ.get("SWITCHER_BENCH_DATABASE_URL"))
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
+    parser.add_argument("--burst-rounds", type=int, default=5)
+    args = parser.parse_args()
+    clients = [1, 8]
+
+    with contextlib.ExitStack() as stack:
+        if args.database_url:
+            server = database_url(args.database_url)
+        else:
+            os.environ.pop("SWITCHER_TEST_DATABASE_URL", None)
+            server = stack.enter_context(postgres_server()).url
+        with create_engine(server, poolclass=pool.NullPool).connect() as conn:
+            version = conn.execute(text("SHOW server_version")).scalar()
+        print(f"PostgreSQL {version}; {os.cpu_count()} CPUs; python {sys.version.split()[0]}\n")
+
+        # Throughput on distinct agents.
+        rows = []
+        single_latency = float("nan")
+        for n in clients:
+            with fresh_database(server, "switcher_bench") as db:
+                url = db.render_as_string(hide_password=False)
+                agents = {f"t{c}-{i}": "A" for c in range(n) for i in range(16)}
+                setup(url, dict.fromkeys("ABCD"), agents)
+                names = list(agents)
+                results = run_processes(
+                    throughput_worker, [(url, names[c * 16 : (c + 1) * 16], args.seconds) for c in range(n)]
+                )
+            total = sum(count for count, _ in results)
+            latencies = [x for _, lat in results for x in lat]
+            if n == 1:
+                single_latency = statistics.median(latencies)
+            rows.append((n, total / args.seconds, pct(latencies, 50), pct(latencies, 99)))
+        with fresh_database(server, "switcher_pgbench") as db:
+            pgb = pgbench_tps(db, clients, args.seconds)
+
+        print("throughput: distinct agents, 16 per client, switching among 4 subscriptions")
+        print(
+            f"  {'clients':>7}  {'switches/s':>10}  {'p50 ms':>7}  {'p99 ms':>7}  {'pgbench tps':>11}  {'ratio':>5}"
+        )
+        for n, rate, p50, p99 in rows:
+            ref = pgb.get(n) if pgb else None
+            ratio = f"{rate / ref:5.2f}" if ref else "  n/a"
+            ref_s = f"{ref:11.0f}" if ref else "    (none)"
+            print(f"  {n:>7}  {rate:>10.0f}  {p50 * 1e3:>7.2f}  {p99 * 1e3:>7.2f}  {ref_s}  {ratio}")
+
+        # Burst: 64 concurrent reports of one failure of one agent, 8 processes x 8 coroutines.
+        with fresh_database(server, "switcher_bench") as db:
+            url = db.render_as_string(hide_password=False)
+            rounds = args.burst_rounds
+            setup(url, {"A": None, "B": None}, {f"burst{r}": "A" for r in range(rounds)})
+            per_process = [[(f"burst{r}", "A")] * 8 for r in range(rounds)]
+            results = run_processes(concurrent_worker, [(url, per_process, 8)] * 8)
+        switched = [sum(o == "switched" for p in results for o, _ in p[r][2]) for r in range(rounds)]
+        burst_lat = [t for p in results for rnd in p for _, t in rnd[2]]
+        b50, b99 = pct(burst_lat, 50), pct(burst_lat, 99)
+        print(f"\nburst: 64 concurrent reports of one failure, 8 processes, {rounds} rounds")
+        print(f"  switches per burst: {switched} (must be 1 each)")
+        print(f"  call latency p50 {b50 * 1e3:.2f} ms, p99 {b99 * 1e3:.2f} ms")
+        print(
+            f"  single-switch latency (p50, 1 client) {single_latency * 1e3:.2f} ms; p99/single = {b99 / single_latency:.2f}x"
+        )
+
+        # Herd: 200 agents on H fail at once; alternatives capped at 70 each.
+        with fresh_database(server, "switcher_bench") as db:
+            url = db.render_as_string(hide_password=False)
+            herd = [f"h{i:03d}" for i in range(200)]
+            setup(url, {"H": None, "X": 70, "Y": 70, "Z": 70}, dict.fromkeys(herd, "H"))
+            results = run_processes(
+                concurrent_worker, [(url, [[(a, "H") for a in herd[p::8]]], 10) for p in range(8)]
+            )
+            settle = max(p[0][1] for p in results) - min(p[0][0] for p in results)
+            with Switcher.from_url(url) as sw:
+                loads = {s.name: s.assigned for s in sw.subscriptions()}
+        outcomes = [o for p in results for o, _ in p[0][2]]
+        herd_lat = [t for p in results for _, t in p[0][2]]
+        print("\nherd: 200 agents on one subscription fail at once, 8 processes; alternatives capped at 70")
+        print(
+            f"  switched {outcomes.count('switched')}/200; loads {loads} (caps respected: {all(v <= 70 for k, v in loads.items() if k != 'H')})"
+        )
+        print(
+            f"  call latency p50 {pct(herd_lat, 50) * 1e3:.1f} ms, p99 {pct(herd_lat, 99) * 1e3:.1f} ms; all settled {settle:.2f} s after the start signal"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The switch in one process, against real Postgres: transactions, selection, settings, registry."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+
+from switcher import (
+    AlreadyExists,
+    AsyncSwitcher,
+    ByPriority,
+    CapacityExceeded,
+    FailureKind,
+    Outcome,
+    Switcher,
+)
+from switcher.switch import SwitchOptions, run_transaction
+from tests.conftest import count, row_counts
+
+RL = FailureKind.RATE_LIMIT
+
+
+def _two(sw: Switcher) -> None:
+    sw.add_subscription("A", credential_ref="env:TOKEN_A")
+    sw.add_subscription("B", credential_ref="env:TOKEN_B")
+    sw.add_agent("alice", subscription="A", container="agent-alice")
+
+
+def test_switch_writes_everything_together(sw: Switcher) -> None:
+    _two(sw)
+    result = sw.handle_failure("alice", "A", RL, "429 Too Many Requests")
+    assert result.outcome is Outcome.SWITCHED
+    assert (result.old_subscription, result.new_subscription, result.generation) == ("A", "B", 1)
+    with sw.engine.connect() as conn:
+        failure = conn.execute(text("SELECT kind, message FROM switcher.failures")).one()
+        switch_row = conn.execute(text("SELECT kind, generation, reason FROM switcher.switches")).one()
+        message = conn.execute(
+            text("SELECT id, kind, generation, payload, status FROM switcher.outbox")
+        ).one()
+    assert tuple(failure) == ("rate_limit", "429 Too Many Requests")
+    assert tuple(switch_row) == ("rate_limit", 1, "429 Too Many Requests")
+    assert message.id == result.restart_id and message.generation == 1 and message.status == "pending"
+    assert message.payload == {"agent": "alice", "container": "agent-alice", "subscription": "B"}
+    assert "TOKEN" not in str(message.payload), "G9: no credential (or reference) in the outbox"
+
+
+def test_caller_transaction_rolled_back_leaves_nothing(sw: Switcher) -> None:
+    _two(sw)
+    before = row_counts(sw)
+    with sw.engine.connect() as conn:
+        conn.begin()
+        result = sw.handle_failure("alice", "A", RL, "429", connection=conn)
+        assert result.outcome is Outcome.SWITCHED
+        conn.rollback()
+    assert row_counts(sw) == before, "G3: nothing of a rolled-back switch remains"
+    assert sw.current_subscription("alice") == "A"
+
+
+def test_caller_transaction_commits_with_its_own_writes(sw: Switcher) -> None:
+    _two(sw)
+    with sw.engine.connect() as conn:
+        conn.begin()
+        conn.execute(text("SET LOCAL lock_timeout = '7s'"))
+        conn.execute(text("CREATE TEMP TABLE host_write (x int)"))
+        sw.handle_failure("alice", "A", RL, "429", connection=conn)
+        assert conn.execute(text("SHOW lock_timeout")).scalar() == "7s", "the caller's setting is restored"
+        conn.commit()
+    assert sw.current_subscription("alice") == "B"
+    assert count(sw, "outbox", "status = 'pending'") == 1
+
+
+def test_async_caller_transaction_rolled_back_leaves_nothing(sw: Switcher, url: str) -> None:
+    _two(sw)
+    before = row_counts(sw)
+
+    async def main() -> Outcome:
+        asw = AsyncSwitcher.from_url(url)
+        try:
+            async with asw.engine.connect() as conn:
+                await conn.begin()
+                result = await asw.handle_failure("alice", "A", RL, "429", connection=conn)
+                await conn.rollback()
+                return result.outcome
+        finally:
+            await asw.close()
+
+    assert asyncio.run(main()) is Outcome.SWITCHED
+    assert row_counts(sw) == before
+    assert sw.current_subscription("alice") == "A"
+
+
+def test_burst_of_switches_coalesces_into_one_pending_restart(sw: Switcher) -> None:
+    for name in "ABCD":
+        sw.add_subscription(name, credential_ref=f"env:TOKEN_{name}")
+    sw.add_agent("alice", subscription="A")
+    first = sw.handle_failure("alice", "A", RL)
+    sw.handle_failure("alice", "B", RL)
+    last = sw.handle_failure("alice", "C", RL)
+    assert last.outcome is Outcome.SWITCHED and last.new_subscription == "D"
+    assert last.restart_id == first.restart_id
+    with sw.engine.connect() as conn:
+        [(generation, payload)] = conn.execute(text("SELECT generation, payload FROM switcher.outbox")).all()
+    assert generation == 3 and payload["subscription"] == "D"
+
+
+def test_policy_least_loaded_then_priority_then_id(sw: Switcher) -> None:
+    sw.add_subscription("A", credential_ref="env:A")
+    sw.add_subscription("low", credential_ref="env:L", priority=5)
+    sw.add_subscription("high", credential_ref="env:H", priority=1)
+    sw.add_subscription("busy", credential_ref="env:B", priority=0)
+    sw.add_agent("already-there", subscription="busy")
+    sw.add_agent("alice", subscription="A")
+    sw.add_agent("bob", subscription="A")
+    assert sw.handle_failure("alice", "A", RL).new_subscription == "high"
+    # high now has one agent, like busy; low has none.
+    assert sw.handle_failure("bob", "A", RL).new_subscription == "low"
+
+
+def test_policy_is_replaceable(sw: Switcher, url: str) -> None:
+    sw.add_subscription("A", credential_ref="env:A")
+    sw.add_subscription("preferred", credential_ref="env:P", priority=0)
+    sw.add_subscription("spare", credential_ref="env:S", priority=9)
+    sw.add_agent("x", subscription="preferred")
+    sw.add_agent("alice", subscription="A")
+    with Switcher.from_url(url, policy=ByPriority()) as by_priority:
+        assert by_priority.handle_failure("alice", "A", RL).new_subscription == "preferred"
+
+
+def test_cooldown_window_and_disabled_subscriptions_are_skipped(sw: Switcher) -> None:
+    for name in "ABC":
+        sw.add_subscription(name, credential_ref=f"env:{name}")
+    sw.add_agent("alice", subscription="A")
+    sw.add_agent("bob", subscription="B")
+    sw.add_agent("carol", subscription="A")
+    assert sw.handle_failure("bob", "B", RL).new_subscription in {"A", "C"}
+    sw.disable_subscription("C")
+    result = sw.handle_failure("alice", "A", RL)
+    assert result.outcome is Outcome.NO_ALTERNATIVE, "B is cooling down and C is disabled"
+
+    sw.set_cooldown_window(timedelta(0))
+    sw.enable_subscription("C")
+    assert sw.settings().cooldown_window == timedelta(0)
+    assert sw.handle_failure("carol", "A", RL).outcome is Outcome.SWITCHED
+
+
+def test_a_switch_never_clears_the_old_subscriptions_failures(sw: Switcher) -> None:
+    _two(sw)
+    sw.handle_failure("alice", "A", RL)
+    assert (
+        count(sw, "failures", "subscription_id = (SELECT id FROM switcher.subscriptions WHERE name = 'A')")
+        == 1
+    )
+
+
+def test_agent_without_subscription_is_not_subscription_backed(sw: Switcher) -> None:
+    sw.add_subscription("A", credential_ref="env:A")
+    sw.add_agent("local-model")
+    result = sw.handle_failure("local-model", None, RL)
+    assert result.outcome is Outcome.NOT_SUBSCRIPTION_BACKED
+    assert count(sw, "failures") == 0
+
+
+def test_snapshot_none_reads_the_current_subscription(sw: Switcher) -> None:
+    _two(sw)
+    assert sw.handle_failure("alice", None, RL).new_subscription == "B"
+
+
+def test_assign_respects_capacity_and_enqueues_a_restart(sw: Switcher) -> None:
+    sw.add_subscription("A", credential_ref="env:A")
+    sw.add_subscription("small", credential_ref="env:S", max_agents=1)
+    sw.add_agent("alice", subscription="A")
+    sw.add_agent("bob", subscription="small")
+    before = row_counts(sw)
+    with pytest.raises(CapacityExceeded, match="small"):
+        sw.assign("alice", "small")
+    with pytest.raises(CapacityExceeded):
+        sw.add_agent("carol", subscription="small")
+    assert row_counts(sw) == before
+
+    moved = sw.assign("bob", "A")
+    assert moved.outcome is Outcome.SWITCHED and moved.restart_id is not None
+    assert sw.assign("bob", "A").outcome is Outcome.UNCHANGED
+    assert sw.assign("alice", "small").generation == 1
+
+
+def test_duplicate_names_are_refused(sw: Switcher) -> None:
+    _two(sw)
+    with pytest.raises(AlreadyExists):
+        sw.add_subscription("A", credential_ref="env:OTHER")
+    with pytest.raises(AlreadyExists):
+        sw.add_agent("alice")
+    assert count(sw, "subscriptions") == 2 and count(sw, "agents") == 1
+
+
+@pytest.mark.parametrize("sqlstate", ["40P01", "40001"])
+def test_deadlocks_and_serialization_failures_are_retried_boundedly(sw: Switcher, sqlstate: str) -> None:
+    raise_it = text(f"DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END $$")
+    attempts: list[int] = []
+
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            conn.execute(raise_it)
+        return "done"
+
+    def always() -> str:
+        attempts.append(1)
+        conn.execute(raise_it)
+        return "never"
+
+    options = SwitchOptions(max_retries=3)
+    with sw.engine.connect() as conn:
+        assert run_transaction(conn, False, options, flaky) == "done"
+        assert len(attempts) == 3
+        attempts.clear()
+        with pytest.raises(Exception, match="injected"):
+            run_transaction(conn, False, options, always)
+        assert len(attempts) == 4, "one try plus max_retries, then the error surfaces"
+
+
+def test_migrate_is_idempotent(sw: Switcher) -> None:
+    sw.migrate()
+    sw.migrate()
+    assert sw.settings().auto_switch is True
