@@ -33,7 +33,7 @@ from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import URL
 
 from switcher import AsyncSwitcher, FailureKind, Outcome, Switcher, database_url
-from switcher.testing import postgres_server
+from switcher.testing import embedded_server
 
 RL = FailureKind.RATE_LIMIT
 CTX = mp.get_context("spawn")
@@ -190,6 +190,83 @@ def setup(url: str, subscriptions: dict[str, int | None], agents: dict[str, str]
             sw.add_agent(agent, subscription=sub, container=f"agent-{agent}")
 
 
+AGENTS_PER_CLIENT = 100
+
+
+def bench_throughput(server: URL, clients: list[int], seconds: float) -> float:
+    """Print the throughput table; return the single-client median latency."""
+    rows = []
+    for n in clients:
+        with fresh_database(server, "switcher_bench") as db:
+            url = db.render_as_string(hide_password=False)
+            agents = {f"t{c}-{i}": "A" for c in range(n) for i in range(AGENTS_PER_CLIENT)}
+            setup(url, dict.fromkeys("ABCD"), agents)
+            names = list(agents)
+            per_client = [names[c::n] for c in range(n)]
+            results = run_processes(throughput_worker, [(url, own, seconds) for own in per_client])
+        latencies = [x for _, lat in results for x in lat]
+        rows.append((n, sum(count for count, _ in results) / seconds, latencies))
+    with fresh_database(server, "switcher_pgbench") as db:
+        pgb = pgbench_tps(db, clients, seconds)
+
+    print(
+        f"throughput: distinct agents ({AGENTS_PER_CLIENT} per client), each call a switch among 4 subscriptions"
+    )
+    print(
+        f"  {'clients':>7}  {'switches/s':>10}  {'p50 ms':>7}  {'p99 ms':>7}  {'pgbench tps':>11}  {'ratio':>5}"
+    )
+    for n, rate, latencies in rows:
+        ref = pgb.get(n) if pgb else None
+        ratio = f"{rate / ref:5.2f}" if ref else "  n/a"
+        ref_s = f"{ref:11.0f}" if ref else "     (none)"
+        p50, p99 = pct(latencies, 50) * 1e3, pct(latencies, 99) * 1e3
+        print(f"  {n:>7}  {rate:>10.0f}  {p50:>7.2f}  {p99:>7.2f}  {ref_s}  {ratio}")
+    return statistics.median(rows[0][2])
+
+
+def bench_burst(server: URL, rounds: int, single_latency: float) -> None:
+    """64 concurrent reports of one failure of one agent: 8 processes x 8 coroutines, per round."""
+    with fresh_database(server, "switcher_bench") as db:
+        url = db.render_as_string(hide_password=False)
+        setup(url, {"A": None, "B": None}, {f"burst{r}": "A" for r in range(rounds)})
+        per_process = [[(f"burst{r}", "A")] * 8 for r in range(rounds)]
+        results = run_processes(concurrent_worker, [(url, per_process, 8)] * 8)
+    switched = [sum(o == "switched" for p in results for o, _ in p[r][2]) for r in range(rounds)]
+    latencies = [t for p in results for rnd in p for _, t in rnd[2]]
+    p50, p99 = pct(latencies, 50), pct(latencies, 99)
+    print(f"\nburst: 64 concurrent reports of one failure (8 processes x 8 coroutines), {rounds} rounds")
+    print(f"  switches per burst: {switched} (must be 1 each)")
+    print(f"  call latency p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms")
+    print(
+        f"  single-switch latency {single_latency * 1e3:.2f} ms (p50, 1 client); p99 / single = {p99 / single_latency:.1f}x"
+    )
+
+
+def bench_herd(server: URL, agents: int = 200, cap: int = 70) -> None:
+    """A subscription hits its limit: all its agents fail at once, onto capacity-limited alternatives."""
+    with fresh_database(server, "switcher_bench") as db:
+        url = db.render_as_string(hide_password=False)
+        herd = [f"h{i:03d}" for i in range(agents)]
+        setup(url, {"H": None, "X": cap, "Y": cap, "Z": cap}, dict.fromkeys(herd, "H"))
+        results = run_processes(
+            concurrent_worker, [(url, [[(a, "H") for a in herd[p::8]]], 10) for p in range(8)]
+        )
+        settle = max(p[0][1] for p in results) - min(p[0][0] for p in results)
+        with Switcher.from_url(url) as sw:
+            loads = {s.name: s.assigned for s in sw.subscriptions()}
+    outcomes = [o for p in results for o, _ in p[0][2]]
+    latencies = [t for p in results for _, t in p[0][2]]
+    respected = all(v <= cap for k, v in loads.items() if k != "H")
+    print(
+        f"\nherd: {agents} agents on one subscription fail at once from 8 processes; alternatives capped at {cap}"
+    )
+    print(f"  switched {outcomes.count('switched')}/{agents}; loads {loads}; caps respected: {respected}")
+    p50, p99 = pct(latencies, 50) * 1e3, pct(latencies, 99) * 1e3
+    print(
+        f"  call latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; all settled {settle:.2f} s after the start signal"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,85 +275,18 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
     parser.add_argument("--burst-rounds", type=int, default=5)
     args = parser.parse_args()
-    clients = [1, 8]
 
     with contextlib.ExitStack() as stack:
         if args.database_url:
             server = database_url(args.database_url)
         else:
-            os.environ.pop("SWITCHER_TEST_DATABASE_URL", None)
-            server = stack.enter_context(postgres_server()).url
+            server = stack.enter_context(embedded_server()).url
         with create_engine(server, poolclass=pool.NullPool).connect() as conn:
             version = conn.execute(text("SHOW server_version")).scalar()
-        print(f"PostgreSQL {version}; {os.cpu_count()} CPUs; python {sys.version.split()[0]}\n")
-
-        # Throughput on distinct agents.
-        rows = []
-        single_latency = float("nan")
-        for n in clients:
-            with fresh_database(server, "switcher_bench") as db:
-                url = db.render_as_string(hide_password=False)
-                agents = {f"t{c}-{i}": "A" for c in range(n) for i in range(16)}
-                setup(url, dict.fromkeys("ABCD"), agents)
-                names = list(agents)
-                results = run_processes(
-                    throughput_worker, [(url, names[c * 16 : (c + 1) * 16], args.seconds) for c in range(n)]
-                )
-            total = sum(count for count, _ in results)
-            latencies = [x for _, lat in results for x in lat]
-            if n == 1:
-                single_latency = statistics.median(latencies)
-            rows.append((n, total / args.seconds, pct(latencies, 50), pct(latencies, 99)))
-        with fresh_database(server, "switcher_pgbench") as db:
-            pgb = pgbench_tps(db, clients, args.seconds)
-
-        print("throughput: distinct agents, 16 per client, switching among 4 subscriptions")
-        print(
-            f"  {'clients':>7}  {'switches/s':>10}  {'p50 ms':>7}  {'p99 ms':>7}  {'pgbench tps':>11}  {'ratio':>5}"
-        )
-        for n, rate, p50, p99 in rows:
-            ref = pgb.get(n) if pgb else None
-            ratio = f"{rate / ref:5.2f}" if ref else "  n/a"
-            ref_s = f"{ref:11.0f}" if ref else "    (none)"
-            print(f"  {n:>7}  {rate:>10.0f}  {p50 * 1e3:>7.2f}  {p99 * 1e3:>7.2f}  {ref_s}  {ratio}")
-
-        # Burst: 64 concurrent reports of one failure of one agent, 8 processes x 8 coroutines.
-        with fresh_database(server, "switcher_bench") as db:
-            url = db.render_as_string(hide_password=False)
-            rounds = args.burst_rounds
-            setup(url, {"A": None, "B": None}, {f"burst{r}": "A" for r in range(rounds)})
-            per_process = [[(f"burst{r}", "A")] * 8 for r in range(rounds)]
-            results = run_processes(concurrent_worker, [(url, per_process, 8)] * 8)
-        switched = [sum(o == "switched" for p in results for o, _ in p[r][2]) for r in range(rounds)]
-        burst_lat = [t for p in results for rnd in p for _, t in rnd[2]]
-        b50, b99 = pct(burst_lat, 50), pct(burst_lat, 99)
-        print(f"\nburst: 64 concurrent reports of one failure, 8 processes, {rounds} rounds")
-        print(f"  switches per burst: {switched} (must be 1 each)")
-        print(f"  call latency p50 {b50 * 1e3:.2f} ms, p99 {b99 * 1e3:.2f} ms")
-        print(
-            f"  single-switch latency (p50, 1 client) {single_latency * 1e3:.2f} ms; p99/single = {b99 / single_latency:.2f}x"
-        )
-
-        # Herd: 200 agents on H fail at once; alternatives capped at 70 each.
-        with fresh_database(server, "switcher_bench") as db:
-            url = db.render_as_string(hide_password=False)
-            herd = [f"h{i:03d}" for i in range(200)]
-            setup(url, {"H": None, "X": 70, "Y": 70, "Z": 70}, dict.fromkeys(herd, "H"))
-            results = run_processes(
-                concurrent_worker, [(url, [[(a, "H") for a in herd[p::8]]], 10) for p in range(8)]
-            )
-            settle = max(p[0][1] for p in results) - min(p[0][0] for p in results)
-            with Switcher.from_url(url) as sw:
-                loads = {s.name: s.assigned for s in sw.subscriptions()}
-        outcomes = [o for p in results for o, _ in p[0][2]]
-        herd_lat = [t for p in results for _, t in p[0][2]]
-        print("\nherd: 200 agents on one subscription fail at once, 8 processes; alternatives capped at 70")
-        print(
-            f"  switched {outcomes.count('switched')}/200; loads {loads} (caps respected: {all(v <= 70 for k, v in loads.items() if k != 'H')})"
-        )
-        print(
-            f"  call latency p50 {pct(herd_lat, 50) * 1e3:.1f} ms, p99 {pct(herd_lat, 99) * 1e3:.1f} ms; all settled {settle:.2f} s after the start signal"
-        )
+        print(f"PostgreSQL {version}; {os.cpu_count()} CPUs; Python {sys.version.split()[0]}\n")
+        single = bench_throughput(server, [1, 8], args.seconds)
+        bench_burst(server, args.burst_rounds, single)
+        bench_herd(server)
     return 0
 
 

@@ -14,12 +14,13 @@ from .errors import (
     UnknownSubscription,
 )
 from .model import Agent, FailureKind, Outcome, Settings, Subscription, SwitchResult
-from .selection import ByPriority, Candidate, LeastLoaded, SelectionPolicy
+from .selection import BuiltinPolicy, ByPriority, Candidate, LeastLoaded, SelectionPolicy
 
 __all__ = [
     "Agent",
     "AlreadyExists",
     "AsyncSwitcher",
+    "BuiltinPolicy",
     "ByPriority",
     "Candidate",
     "CapacityExceeded",

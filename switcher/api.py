@@ -74,7 +74,7 @@ class Switcher:
         max_retries: int = 3,
         **engine_options: Any,
     ) -> Switcher:
-        engine = create_engine(database_url(url), pool_pre_ping=True, **engine_options)
+        engine = create_engine(database_url(url), **engine_options)
         return cls(engine, lock_timeout=lock_timeout, policy=policy, max_retries=max_retries)
 
     def close(self) -> None:
@@ -208,7 +208,7 @@ class AsyncSwitcher:
         max_retries: int = 3,
         **engine_options: Any,
     ) -> AsyncSwitcher:
-        engine = create_async_engine(database_url(url), pool_pre_ping=True, **engine_options)
+        engine = create_async_engine(database_url(url), **engine_options)
         return cls(engine, lock_timeout=lock_timeout, policy=policy, max_retries=max_retries)
 
     async def close(self) -> None:

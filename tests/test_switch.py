@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
@@ -12,11 +13,14 @@ from switcher import (
     AlreadyExists,
     AsyncSwitcher,
     ByPriority,
+    Candidate,
     CapacityExceeded,
     FailureKind,
+    LeastLoaded,
     Outcome,
     Switcher,
 )
+from switcher.selection import BuiltinPolicy
 from switcher.switch import SwitchOptions, run_transaction
 from tests.conftest import count, row_counts
 
@@ -129,6 +133,52 @@ def test_policy_is_replaceable(sw: Switcher, url: str) -> None:
         assert by_priority.handle_failure("alice", "A", RL).new_subscription == "preferred"
 
 
+class Prefer:
+    """A policy written in Python: only the named subscriptions, in that order."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+    def rank(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
+        by_name = {c.name: c for c in candidates}
+        return [by_name[n] for n in self.names if n in by_name]
+
+
+def test_a_python_policy_ranks_and_can_exclude(sw: Switcher, url: str) -> None:
+    for name, priority in (("A", 0), ("best", 0), ("odd", 9)):
+        sw.add_subscription(name, credential_ref=f"env:{name.upper()}", priority=priority)
+    sw.add_agent("alice", subscription="A")
+    sw.add_agent("bob", subscription="A")
+    with Switcher.from_url(url, policy=Prefer("odd", "best")) as custom:
+        assert custom.handle_failure("alice", "A", RL).new_subscription == "odd"
+    with Switcher.from_url(url, policy=Prefer("nonexistent")) as custom:
+        assert custom.handle_failure("bob", "A", RL).outcome is Outcome.NO_ALTERNATIVE
+
+
+@pytest.mark.parametrize("policy", [LeastLoaded(), ByPriority()], ids=lambda p: type(p).__name__)
+def test_builtin_policies_rank_in_sql_as_their_python_rank_says(
+    sw: Switcher, url: str, policy: BuiltinPolicy
+) -> None:
+    loads = {"s1": (3, 0), "s2": (1, 5), "s3": (1, 2), "s4": (0, 7), "s5": (2, 1)}  # name: (agents, priority)
+    sw.add_subscription("A", credential_ref="env:A")
+    for name, (agents, priority) in loads.items():
+        sw.add_subscription(name, credential_ref="env:S", priority=priority)
+        for i in range(agents):
+            sw.add_agent(f"{name}-{i}", subscription=name)
+    for i in range(len(loads)):
+        sw.add_agent(f"x{i}", subscription="A")
+    with Switcher.from_url(url, policy=policy) as chosen_in_sql:
+        for i in range(len(loads)):
+            subs = {s.name: s for s in sw.subscriptions()}
+            candidates = [
+                Candidate(i + 1, s.name, s.priority, s.max_agents, s.assigned)
+                for i, s in enumerate(subs.values())
+                if s.name != "A"
+            ]
+            expected = policy.rank(candidates)[0].name
+            assert chosen_in_sql.handle_failure(f"x{i}", "A", RL).new_subscription == expected
+
+
 def test_cooldown_window_and_disabled_subscriptions_are_skipped(sw: Switcher) -> None:
     for name in "ABC":
         sw.add_subscription(name, credential_ref=f"env:{name}")
@@ -225,3 +275,15 @@ def test_migrate_is_idempotent(sw: Switcher) -> None:
     sw.migrate()
     sw.migrate()
     assert sw.settings().auto_switch is True
+
+
+def test_a_report_survives_a_lost_pooled_connection(url: str) -> None:
+    with Switcher.from_url(url, pool_size=1, max_overflow=0) as sw:
+        _two(sw)
+        with sw.engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with Switcher.from_url(url) as admin, admin.engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+        # The pooled connection is dead; the report reconnects and goes through (reports are idempotent).
+        assert sw.handle_failure("alice", "A", RL).outcome is Outcome.SWITCHED
+        assert sw.current_subscription("alice") == "B", "and it was committed"
