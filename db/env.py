@@ -49,6 +49,7 @@ def _url() -> str:
 if context.is_offline_mode():
     _configure(url=database_url(_url()), literal_binds=True)
     with context.begin_transaction():
+        context.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
         context.run_migrations()
 elif (connection := config.attributes.get("connection")) is not None:
     _run(connection)

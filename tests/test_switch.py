@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 
+import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -94,6 +95,23 @@ def test_async_caller_transaction_rolled_back_leaves_nothing(sw: Switcher, url: 
     assert asyncio.run(main()) is Outcome.SWITCHED
     assert row_counts(sw) == before
     assert sw.current_subscription("alice") == "A"
+
+
+def test_a_committed_switch_notifies_the_drainers_and_a_rolled_back_one_does_not(
+    sw: Switcher, url: str
+) -> None:
+    _two(sw)
+    sw.add_agent("bob", subscription="A")
+    with psycopg.connect(url.replace("+psycopg", "", 1), autocommit=True) as listener:
+        listener.execute("LISTEN switcher_outbox")
+        with sw.engine.connect() as conn:
+            conn.begin()
+            sw.handle_failure("bob", "A", RL, connection=conn)
+            conn.rollback()
+        committed = sw.handle_failure("alice", "A", RL)
+        notes = list(listener.notifies(timeout=5, stop_after=1))
+        # Notifications are delivered in commit order, so the rolled-back one would have come first.
+        assert [n.payload for n in notes] == [str(committed.restart_id)]
 
 
 def test_burst_of_switches_coalesces_into_one_pending_restart(sw: Switcher) -> None:
