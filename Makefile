@@ -3,7 +3,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint demo bench clean
+# Testcontainers' reaper image cannot be pulled without a registry; the fixtures stop their own containers.
+export TESTCONTAINERS_RYUK_DISABLED ?= true
+# The locally built PostgreSQL image (tests/images/build.sh) when there is one, else the official image.
+LOCAL_PG_IMAGE := switcher-test/postgres:15
+SWITCHER_TEST_PG_IMAGE ?= $(shell docker image inspect $(LOCAL_PG_IMAGE) >/dev/null 2>&1 && echo $(LOCAL_PG_IMAGE))
+ifneq ($(SWITCHER_TEST_PG_IMAGE),)
+export SWITCHER_TEST_PG_IMAGE
+endif
+
+.PHONY: test test-embedded lint demo bench docker-up clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +25,17 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check switcher db tests bench
 	$(BIN)/mypy --strict switcher
 
+# Everything: PostgreSQL from SWITCHER_TEST_DATABASE_URL, else a container, else embedded.
 test: lint
 	$(BIN)/python -m pytest
+
+# The database tests again on the embedded server (PostgreSQL 18), whatever `make test` used.
+test-embedded: $(BIN)/.installed
+	SWITCHER_TEST_PG=embedded $(BIN)/python -m pytest -m "not docker"
+
+# A Docker engine and the local test images (installs docker.io when missing; needs root for that).
+docker-up:
+	tests/images/docker-up.sh
 
 demo: $(BIN)/.installed
 	@echo "make demo: the end-to-end demo (switcher demo) is not built yet (issue #4)." >&2

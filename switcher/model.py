@@ -72,3 +72,14 @@ class Agent:
 class Settings:
     auto_switch: bool
     cooldown_window: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class AgentTarget:
+    """What a restart must apply: the agent's *current* assignment, read when the handler runs."""
+
+    agent: str
+    container: str | None
+    generation: int
+    subscription: str | None
+    credential_ref: str | None

@@ -8,7 +8,7 @@ from sqlalchemy import Connection, text
 
 from . import validate
 from .errors import AlreadyExists, CapacityExceeded, InvalidInput, UnknownAgent, UnknownSubscription
-from .model import Agent, Settings, Subscription
+from .model import Agent, AgentTarget, Settings, Subscription
 
 _CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 
@@ -162,3 +162,17 @@ def update_settings(
         values,
     ).one()
     return Settings(row.auto_switch, row.cooldown_window)
+
+
+def agent_target(conn: Connection, agent_id: int) -> AgentTarget | None:
+    row = conn.execute(
+        text(
+            """
+            SELECT a.name AS agent, a.container, a.generation, s.name AS subscription, s.credential_ref
+            FROM switcher.agents a LEFT JOIN switcher.subscriptions s ON s.id = a.subscription_id
+            WHERE a.id = :id
+            """
+        ),
+        {"id": agent_id},
+    ).one_or_none()
+    return None if row is None else AgentTarget(**row._mapping)

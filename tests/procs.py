@@ -22,15 +22,15 @@ _ctx = mp.get_context("spawn")
 
 
 def run_together(
-    target: Callable[..., list[Outcome]], args: Sequence[tuple[Any, ...]], timeout: float = 120
-) -> list[Outcome]:
-    """Start ``target(barrier, *a)`` for each ``a`` in its own process; return all outcomes, flattened."""
+    target: Callable[..., list[Any]], args: Sequence[tuple[Any, ...]], timeout: float = 120
+) -> list[Any]:
+    """Start ``target(barrier, *a)`` for each ``a`` in its own process; return their lists, concatenated."""
     barrier = _ctx.Barrier(len(args))
     queue = _ctx.Queue()
     processes = [_ctx.Process(target=_wrap, args=(queue, target, barrier, *a)) for a in args]
     for p in processes:
         p.start()
-    results: list[Outcome] = []
+    results: list[Any] = []
     for _ in processes:
         ok, value = queue.get(timeout=timeout)
         if not ok:
@@ -42,7 +42,7 @@ def run_together(
     return results
 
 
-def _wrap(queue: Any, target: Callable[..., list[Outcome]], barrier: Any, *args: Any) -> None:
+def _wrap(queue: Any, target: Callable[..., list[Any]], barrier: Any, *args: Any) -> None:
     try:
         queue.put((True, target(barrier, *args)))
     except BaseException:

@@ -128,6 +128,7 @@ def upgrade() -> None:
         sa.Column("leased_by", sa.Text),
         sa.Column("last_error", sa.Text),
         sa.Column("result", sa.Text),
+        sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         *_times(),
         sa.PrimaryKeyConstraint("id", name="outbox_pkey"),
         sa.ForeignKeyConstraint(
@@ -154,9 +155,10 @@ def upgrade() -> None:
         schema=S,
     )
     op.create_index(
-        "outbox_running_idx",
+        "outbox_one_running_idx",
         "outbox",
         ["agent_id"],
+        unique=True,
         postgresql_where=sa.text("status = 'running'"),
         schema=S,
     )
@@ -205,6 +207,7 @@ BEGIN
                   payload = excluded.payload,
                   attempts = 0,
                   available_at = now(),
+                  enqueued_at = now(),
                   updated_at = now()
     RETURNING o.id INTO v_id;
     PERFORM pg_notify('switcher_outbox', v_id::text);

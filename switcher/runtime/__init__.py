@@ -1,0 +1,1 @@
+"""Container runtimes: how a restart message reaches an agent's container."""

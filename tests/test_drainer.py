@@ -1,0 +1,169 @@
+"""The drainer daemon, in real OS processes, against real Postgres (handlers are test handlers here;
+tests/test_docker_runtime.py drives the Docker one)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from switcher import FailureKind, Switcher
+from switcher.api import database_url
+from switcher.drainer import Drainer, DrainerConfig
+from switcher.outbox import RESTART_AGENT, Backoff, Message, requeue
+from tests import drainers
+from tests.conftest import outbox_rows, wait_for
+
+RL = FailureKind.RATE_LIMIT
+
+
+def _setup(sw: Switcher, agents: int = 1) -> None:
+    for name in "ABCDEFG":
+        sw.add_subscription(name, credential_ref=f"env:TOKEN_{name}")
+    for i in range(agents):
+        sw.add_agent(f"agent{i}", subscription="A")
+
+
+def _stop(process: drainers.ctx.Process) -> int | None:  # type: ignore[name-defined]
+    if process.is_alive():
+        process.terminate()
+    process.join(60)
+    return process.exitcode
+
+
+def test_notify_wakes_an_idle_drainer_at_once(sw: Switcher, url: str) -> None:
+    _setup(sw)
+    # Polls once an hour: only the switch's NOTIFY can make it claim within the test's bounds.
+    process, events = drainers.start(
+        url, "record", poll_interval=timedelta(hours=1), lease=timedelta(hours=1)
+    )
+    try:
+        assert events["listening"].wait(60)
+        sw.handle_failure("agent0", "A", RL)
+        assert events["handled"].wait(60), "the committed switch woke the drainer"
+        wait_for(lambda: outbox_rows(sw)[0].status == "done", what="message done")
+    finally:
+        assert _stop(process) == 0
+
+
+def test_kill_9_mid_handler_then_another_drainer_completes_after_the_lease(
+    sw: Switcher, url: str, tmp_path: Path
+) -> None:
+    _setup(sw)
+    lease = timedelta(seconds=2)
+    doomed, doomed_events = drainers.start(url, "block", poll_interval=timedelta(seconds=1), lease=lease)
+    survivor = None
+    try:
+        sw.handle_failure("agent0", "A", RL)
+        assert doomed_events["started"].wait(60)
+        os.kill(doomed.pid, signal.SIGKILL)
+        doomed.join(30)
+        [row] = outbox_rows(sw)
+        assert row.status == "running", "the dead drainer's lease is still there"
+
+        survivor, events = drainers.start(
+            url, "record", tmp_path / "runs", poll_interval=timedelta(seconds=0.2), lease=lease
+        )
+        assert events["handled"].wait(60), "after the lease ran out, another drainer took the message"
+        row = wait_for(lambda: (r := outbox_rows(sw)[0]).status == "done" and r, what="message done")
+        assert row.attempts == 2 and f":{doomed.pid}:" not in row.leased_by
+    finally:
+        if survivor is not None:
+            assert _stop(survivor) == 0
+
+
+def test_sigterm_lets_the_running_handler_finish_and_exits_0(sw: Switcher, url: str) -> None:
+    _setup(sw)
+    process, events = drainers.start(url, "block", poll_interval=timedelta(seconds=1))
+    sw.handle_failure("agent0", "A", RL)
+    assert events["started"].wait(60)
+    process.terminate()  # SIGTERM while the handler is running
+    events["release"].set()
+    process.join(60)
+    assert process.exitcode == 0
+    [row] = outbox_rows(sw)
+    assert (row.status, row.result) == ("done", "released"), "the handler finished and was recorded"
+    assert all(r.status != "running" for r in outbox_rows(sw)), "no message left leased"
+
+
+def test_a_handler_that_always_fails_goes_dead_and_can_be_requeued(sw: Switcher, url: str) -> None:
+    _setup(sw)
+    process, _ = drainers.start(url, "fail", poll_interval=timedelta(seconds=0.2), max_attempts=3)
+    try:
+        sw.handle_failure("agent0", "A", RL)
+        row = wait_for(lambda: (r := outbox_rows(sw)[0]).status == "dead" and r, what="dead message")
+        assert row.attempts == 3 and "always fails" in row.last_error
+    finally:
+        assert _stop(process) == 0
+    process, events = drainers.start(url, "record", poll_interval=timedelta(seconds=0.2))
+    try:
+        with sw.engine.connect() as conn:
+            assert requeue(conn, row.id) == "pending"
+        assert events["handled"].wait(60)
+        wait_for(lambda: outbox_rows(sw)[0].status == "done", what="requeued message done")
+    finally:
+        assert _stop(process) == 0
+
+
+def test_the_drainer_survives_losing_its_database_connections(sw: Switcher, url: str) -> None:
+    _setup(sw, agents=2)
+    engine = create_engine(database_url(url))
+    seen: list[int] = []
+    handled = threading.Event()
+
+    def record(message: Message) -> str:
+        seen.append(message.id)
+        handled.set()
+        return "ok"
+
+    config = DrainerConfig(poll_interval=timedelta(hours=1), backoff=Backoff(timedelta(milliseconds=50)))
+    drainer = Drainer(engine, {RESTART_AGENT: record}, config)
+    thread = threading.Thread(target=drainer.run)
+    thread.start()
+    try:
+        assert drainer.listening.wait(60)
+        sw.handle_failure("agent0", "A", RL)
+        assert handled.wait(60)
+        handled.clear()
+        with sw.engine.connect() as conn:  # the database drops every connection of the drainer
+            killed = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+                )
+            ).scalar_one()
+        assert killed >= 2, "the LISTEN connection and a pooled one"
+        # Whether the listener is back before the NOTIFY or not, nothing is lost: it wakes the loop
+        # on every reconnect, and the loop claims what is due.
+        sw.handle_failure("agent1", "A", RL)
+        assert handled.wait(60), "after reconnecting, the drainer still hears NOTIFY and claims"
+    finally:
+        drainer.stop()
+        thread.join(60)
+        engine.dispose()
+    assert len(seen) == 2
+
+
+def test_switcher_drain_cli_stops_cleanly_on_sigterm(sw: Switcher, url: str) -> None:
+    _setup(sw)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "switcher", "--database-url", url, "drain", "--poll-interval", "0.2"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "drainer started" in line:
+                break
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "drainer stopped" in err
