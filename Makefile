@@ -42,7 +42,9 @@ demo: $(BIN)/.installed
 	@exit 2
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/switch.py
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.switch
+	$(BIN)/python -m bench.drainer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

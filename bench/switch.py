@@ -1,7 +1,7 @@
 """Benchmark the switch against real PostgreSQL. Prints figures; asserts nothing about speed.
 
-    python bench/switch.py                          # throwaway embedded PostgreSQL
-    python bench/switch.py --database-url URL       # an existing server (creates and drops its own databases)
+    python -m bench.switch                      # throwaway embedded PostgreSQL
+    python -m bench.switch --database-url URL   # an existing server (creates and drops its own databases)
 
 Measures, in separate OS processes started together on a barrier:
   * throughput: switches per second on distinct agents at 1 and 8 clients, beside
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import multiprocessing as mp
 import os
 import re
 import shutil
@@ -25,18 +24,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import URL
 
+from bench.common import fresh_database, pct, run_processes
 from switcher import AsyncSwitcher, FailureKind, Outcome, Switcher, database_url
 from switcher.testing import embedded_server
 
 RL = FailureKind.RATE_LIMIT
-CTX = mp.get_context("spawn")
 
 
 # --- workers (run in child processes) -------------------------------------------------------------
@@ -98,51 +96,6 @@ def concurrent_worker(
 
 
 # --- driver -----------------------------------------------------------------------------------------
-
-
-def run_processes(target: Any, args: list[tuple[Any, ...]]) -> list[Any]:
-    barrier = CTX.Barrier(len(args))
-    queue = CTX.Queue()
-    procs = [CTX.Process(target=_call, args=(queue, i, target, barrier, *a)) for i, a in enumerate(args)]
-    for p in procs:
-        p.start()
-    results: list[Any] = [None] * len(args)
-    for _ in procs:
-        i, ok, value = queue.get(timeout=600)
-        if not ok:
-            raise RuntimeError(value)
-        results[i] = value
-    for p in procs:
-        p.join()
-    return results
-
-
-def _call(queue: Any, index: int, target: Any, barrier: Any, *args: Any) -> None:
-    import traceback
-
-    try:
-        queue.put((index, True, target(barrier, *args)))
-    except BaseException:
-        queue.put((index, False, traceback.format_exc()))
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-@contextlib.contextmanager
-def fresh_database(server_url: URL, name: str) -> Iterator[URL]:
-    admin = create_engine(server_url, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server_url.set(database=name)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def libpq_env(url: URL) -> dict[str, str]:

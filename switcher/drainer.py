@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import TypeVar
 
 import psycopg
@@ -60,6 +61,9 @@ class DrainerConfig:
     max_attempts: int = 10
     backoff: Backoff = field(default_factory=Backoff)
     shutdown_timeout: timedelta = timedelta(seconds=30)
+    listen: bool = True
+    """LISTEN for NOTIFY. Off, the drainer only polls (e.g. behind a transaction-pooling proxy that
+    cannot hold a LISTEN session)."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.max_attempts < 1:
@@ -103,16 +107,20 @@ class DrainerMetrics:
 
 class Drainer:
     def __init__(self, engine: Engine, handlers: Handlers, config: DrainerConfig | None = None) -> None:
-        self.engine = engine
+        # Every outbox write is a single statement: autocommit saves a BEGIN and a COMMIT round trip each.
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.handlers = dict(handlers)
         self.config = config or DrainerConfig()
         self.metrics = DrainerMetrics()
         self.listening = threading.Event()
         """Set while the LISTEN connection is up (tests and health checks wait on it)."""
         self._stopping = threading.Event()
+        self._closing = threading.Event()
         self._wake = threading.Event()
-        self._inflight: dict[int, Future[None]] = {}
-        self._started: set[int] = set()
+        self._inflight: dict[int, Future[None]] = {}  # claimed, handler not finished
+        self._started: set[int] = set()  # handler started, completion not yet written: leases to renew
+        self._finished: dict[int, tuple[Message, str]] = {}  # handler returned, waiting for the acker
+        self._finished_ready = threading.Event()
         self._lock = threading.Lock()
 
     # -- control ---------------------------------------------------------------------------------
@@ -140,18 +148,21 @@ class Drainer:
         cfg = self.config
         log.info("drainer started", extra={"worker": cfg.worker_id, "concurrency": cfg.concurrency})
         listener = threading.Thread(target=self._listen, name="switcher-listen", daemon=True)
-        listener.start()
+        if cfg.listen:
+            listener.start()
         executor = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="switcher-handler")
-        next_heartbeat = time.monotonic() + cfg.lease.total_seconds() / 3
+        acker = threading.Thread(target=self._acknowledge, name="switcher-ack")
+        acker.start()
+        next_housekeeping = time.monotonic()
         failures = 0
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
                 try:
+                    if time.monotonic() >= next_housekeeping:
+                        self._housekeeping()
+                        next_housekeeping = time.monotonic() + cfg.lease.total_seconds() / 3
                     wait = self._claim_and_submit(executor)
-                    if time.monotonic() >= next_heartbeat:
-                        self._heartbeat()
-                        next_heartbeat = time.monotonic() + cfg.lease.total_seconds() / 3
                     failures = 0
                 except DBAPIError as error:
                     failures += 1
@@ -160,11 +171,15 @@ class Drainer:
                 with self._lock:
                     renewing = bool(self._started)
                 if renewing:
-                    wait = min(wait, max(0.0, next_heartbeat - time.monotonic()))
+                    wait = min(wait, max(0.0, next_housekeeping - time.monotonic()))
                 self._wake.wait(wait)
         finally:
             clean = self._shut_down(executor)
-            listener.join(timeout=5)
+            self._closing.set()  # the acker writes what has finished, then ends
+            self._finished_ready.set()
+            acker.join()
+            if listener.is_alive():
+                listener.join(timeout=5)
         log.info("drainer stopped", extra={"worker": cfg.worker_id, "clean": clean})
         return clean
 
@@ -172,33 +187,36 @@ class Drainer:
         """Claim what fits in the free handler slots; return how long to wait before looking again."""
         cfg = self.config
         with self._lock:
-            free = cfg.concurrency - len(self._inflight)
-        if free <= 0:
-            return cfg.poll_interval.total_seconds()  # a finishing handler wakes us
+            busy = len(self._inflight)
+        free = cfg.concurrency - busy
+        if free <= 0 or (busy and free < cfg.concurrency // 2):
+            # Claim in batches: wait until half the slots are free (a finishing handler wakes us).
+            return cfg.poll_interval.total_seconds()
         with self.engine.connect() as conn:
-            claim = outbox.claim(conn, worker=cfg.worker_id, limit=free, lease=cfg.lease)
-            until_due = None if claim.messages else outbox.seconds_until_due(conn)
-        self.metrics.add(claimed=len(claim.messages), superseded=claim.superseded)
-        for message in claim.messages:
+            claimed = outbox.claim(conn, worker=cfg.worker_id, limit=free, lease=cfg.lease)
+            until_due = None if claimed else outbox.seconds_until_due(conn)
+        self.metrics.add(claimed=len(claimed))
+        for message in claimed:
             log.info("claimed", extra=_fields(message))
-            with self._lock:
+            with self._lock:  # held across submit: the handler's own bookkeeping waits for this entry
                 self._inflight[message.id] = executor.submit(self._handle, message)
-        if claim.messages:
-            return 0.0 if len(claim.messages) < free else cfg.poll_interval.total_seconds()
+        if claimed:
+            return 0.0 if len(claimed) < free else cfg.poll_interval.total_seconds()
         poll = cfg.poll_interval.total_seconds()
         return poll if until_due is None else min(poll, until_due)
 
-    def _heartbeat(self) -> None:
+    def _housekeeping(self) -> None:
+        """Every lease / 3: renew the leases of running handlers; retire abandoned redundant messages."""
         with self._lock:
             ids = list(self._started)
-        if ids:
-            with self.engine.connect() as conn:
+        with self.engine.connect() as conn:
+            if ids:
                 held = outbox.heartbeat(conn, worker=self.config.worker_id, ids=ids, lease=self.config.lease)
-            if held < len(ids):
-                log.warning("lost %d lease(s) of running handlers", len(ids) - held)
+                if held < len(ids):
+                    log.warning("lost %d lease(s) of running handlers", len(ids) - held)
+            self.metrics.add(superseded=outbox.supersede(conn))
 
     def _handle(self, message: Message) -> None:
-        cfg = self.config
         with self._lock:
             self._started.add(message.id)
         started = time.monotonic()
@@ -212,20 +230,40 @@ class Drainer:
             self._record_failure(message, f"{type(error).__name__}: {error}")
         else:
             self.metrics.observe_handler(time.monotonic() - started)
-            held = self._persist(
-                lambda conn: outbox.complete(conn, worker=cfg.worker_id, message_id=message.id, result=result)
-            )
-            if held:
-                self.metrics.add(done=1)
-                log.info("done", extra={**_fields(message), "result": result})
-            elif held is False:
-                self.metrics.add(lost_leases=1)
-                log.warning("lease lost before completion", extra=_fields(message))
+            with self._lock:
+                self._finished[message.id] = (message, result)
+            self._finished_ready.set()
         finally:
             with self._lock:
-                self._started.discard(message.id)
+                if message.id not in self._finished:
+                    self._started.discard(message.id)
                 self._inflight.pop(message.id, None)
             self._wake.set()
+
+    def _acknowledge(self) -> None:
+        """Write completions in batches: whatever finished while the previous batch was being written
+        commits together, so a busy drainer pays one commit for many messages and an idle one none
+        more than before."""
+        worker = self.config.worker_id
+        while True:
+            self._finished_ready.wait(1.0)
+            self._finished_ready.clear()
+            with self._lock:
+                batch, self._finished = self._finished, {}
+            if batch:
+                results = {message_id: result for message_id, (_, result) in batch.items()}
+                held = self._persist(partial(outbox.complete_many, worker=worker, results=results))
+                for message_id, (message, result) in batch.items():
+                    if held is not None and message_id in held:
+                        self.metrics.add(done=1)
+                        log.info("done", extra={**_fields(message), "result": result})
+                    else:
+                        self.metrics.add(lost_leases=1)
+                        log.warning("lease lost before completion was recorded", extra=_fields(message))
+                with self._lock:
+                    self._started.difference_update(batch)
+            elif self._closing.is_set():
+                return
 
     def _record_failure(self, message: Message, error: str) -> None:
         cfg = self.config
@@ -275,8 +313,13 @@ class Drainer:
             inflight = dict(self._inflight)
         for message_id, future in inflight.items():
             if future.cancel():  # claimed, never started: give it back now
-                with self.engine.connect() as conn:
-                    outbox.release(conn, worker=self.config.worker_id, message_id=message_id)
+                try:
+                    with self.engine.connect() as conn:
+                        outbox.release(conn, worker=self.config.worker_id, message_id=message_id)
+                except DBAPIError as error:
+                    log.warning(
+                        "could not give back message %d (%s); its lease will expire", message_id, error.orig
+                    )
         running = [f for f in inflight.values() if not f.cancelled()]
         _, unfinished = wait_futures(running, timeout=self.config.shutdown_timeout.total_seconds())
         executor.shutdown(wait=False, cancel_futures=True)

@@ -94,13 +94,14 @@ _CLAIM = text(
     """
 )
 
-# An older message whose agent has a newer pending message of the same kind is redundant: handlers
-# apply the agent's current state, which the newer message will do.
+# An abandoned message (its drainer died) whose agent has a newer pending message of the same kind
+# is redundant: handlers apply the agent's current state, which the newer message will do. (Pending
+# messages need no such check: there is at most one per agent and kind.)
 _SUPERSEDE = text(
     """
     UPDATE switcher.outbox o
     SET status = 'superseded', leased_until = NULL, updated_at = now()
-    WHERE (o.status = 'pending' OR (o.status = 'running' AND o.leased_until < now()))
+    WHERE o.status = 'running' AND o.leased_until < now()
       AND EXISTS (
           SELECT 1 FROM switcher.outbox n
           WHERE n.agent_id = o.agent_id AND n.kind = o.kind AND n.status = 'pending'
@@ -117,9 +118,11 @@ _HEARTBEAT = text(
 
 _COMPLETE = text(
     """
-    UPDATE switcher.outbox
-    SET status = 'done', result = :result, leased_until = NULL, updated_at = now()
-    WHERE id = :id AND status = 'running' AND leased_by = :worker
+    UPDATE switcher.outbox o
+    SET status = 'done', result = d.result, leased_until = NULL, updated_at = now()
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:results AS text[])) AS d(id, result)
+    WHERE o.id = d.id AND o.status = 'running' AND o.leased_by = :worker
+    RETURNING o.id
     """
 )
 
@@ -186,28 +189,27 @@ def enqueue(conn: Connection, *, kind: str, agent_id: int, generation: int, payl
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    messages: list[Message]
-    superseded: int
+def claim(conn: Connection, *, worker: str, limit: int, lease: timedelta) -> list[Message]:
+    """Lease up to ``limit`` due messages (one per agent) to ``worker``, in one statement.
 
-
-def claim(conn: Connection, *, worker: str, limit: int, lease: timedelta) -> Claim:
-    """Supersede redundant messages, then lease up to ``limit`` due ones (one per agent) to ``worker``.
-
-    Runs in its own short transaction; the handlers run after it, outside any transaction. When another
-    drainer concurrently claims a message of the same agent, the database refuses one of the two
-    claims; that claim comes back empty and the next one goes on.
+    The handlers run after it, outside any transaction. When another drainer concurrently claims a
+    message of the same agent, the database refuses one of the two claims; that claim comes back
+    empty and the next one goes on.
     """
     if limit < 1:
-        return Claim([], 0)
+        return []
     try:
         with conn.begin():
-            superseded = conn.execute(_SUPERSEDE).rowcount
             rows = conn.execute(_CLAIM, {"worker": worker, "limit": limit, "lease": lease}).all()
     except IntegrityError:
-        return Claim([], 0)
-    return Claim([Message(**row._mapping) for row in rows], superseded)
+        return []
+    return [Message(**row._mapping) for row in rows]
+
+
+def supersede(conn: Connection) -> int:
+    """Retire abandoned messages that a newer pending one makes redundant; return how many."""
+    with conn.begin():
+        return conn.execute(_SUPERSEDE).rowcount
 
 
 def heartbeat(conn: Connection, *, worker: str, ids: Sequence[int], lease: timedelta) -> int:
@@ -220,9 +222,17 @@ def heartbeat(conn: Connection, *, worker: str, ids: Sequence[int], lease: timed
 
 def complete(conn: Connection, *, worker: str, message_id: int, result: str) -> bool:
     """Mark done; False if the lease was lost meanwhile (another drainer owns the message now)."""
+    return bool(complete_many(conn, worker=worker, results={message_id: result}))
+
+
+def complete_many(conn: Connection, *, worker: str, results: dict[int, str]) -> set[int]:
+    """Mark several messages done in one transaction (one commit for a batch of handlers); return
+    the ids whose lease ``worker`` still held."""
     with conn.begin():
-        updated = conn.execute(_COMPLETE, {"id": message_id, "worker": worker, "result": result})
-    return updated.rowcount == 1
+        rows = conn.execute(
+            _COMPLETE, {"ids": list(results), "results": list(results.values()), "worker": worker}
+        ).scalars()
+        return set(rows)
 
 
 def fail(

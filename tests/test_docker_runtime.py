@@ -235,7 +235,7 @@ def test_restart_mode_restarts_and_a_redelivery_is_a_no_op(
 
         conn.execute(text("UPDATE switcher.outbox SET status = 'pending', attempts = 0"))
     with engine.connect() as conn:
-        [message] = claim(conn, worker="w", limit=1, lease=timedelta(seconds=30)).messages
+        [message] = claim(conn, worker="w", limit=1, lease=timedelta(seconds=30))
     assert handlers["restart_agent"](message) == "already_applied"
     assert DockerRuntime(stop_timeout=2).apply
     engine.dispose()

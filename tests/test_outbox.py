@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from switcher import FailureKind, InvalidInput, Switcher
-from switcher.outbox import Backoff, claim, complete, enqueue, fail, release, requeue, stats
+from switcher.outbox import Backoff, claim, complete, enqueue, fail, release, requeue, stats, supersede
 from tests.conftest import outbox_rows
 from tests.procs import run_together
 
@@ -41,11 +41,9 @@ def test_claim_leases_and_complete_finishes(sw: Switcher) -> None:
     _agents(sw, 1)
     _switch_all(sw, 1)
     with sw.engine.connect() as conn:
-        [message] = claim(conn, worker="w1", limit=10, lease=LEASE).messages
+        [message] = claim(conn, worker="w1", limit=10, lease=LEASE)
         assert (message.agent, message.generation, message.attempts) == ("agent0", 1, 1)
-        assert claim(conn, worker="w2", limit=10, lease=LEASE).messages == [], (
-            "a leased message is not claimed again"
-        )
+        assert claim(conn, worker="w2", limit=10, lease=LEASE) == [], "a leased message is not claimed again"
         assert complete(conn, worker="w1", message_id=message.id, result="recreated")
     [row] = outbox_rows(sw)
     assert (row.status, row.result, row.leased_by) == ("done", "recreated", "w1")
@@ -55,7 +53,7 @@ def _claim_until_empty(barrier: Any, url: str, worker: str) -> list[int]:
     with Switcher.from_url(url) as sw, sw.engine.connect() as conn:
         barrier.wait()
         seen: list[int] = []
-        while batch := claim(conn, worker=worker, limit=3, lease=LEASE).messages:
+        while batch := claim(conn, worker=worker, limit=3, lease=LEASE):
             for message in batch:
                 seen.append(message.id)
                 complete(conn, worker=worker, message_id=message.id, result="ok")
@@ -77,12 +75,10 @@ def test_no_claim_while_another_message_of_the_agent_runs(sw: Switcher) -> None:
         agent_id = conn.execute(text("SELECT id FROM switcher.agents")).scalar_one()
         enqueue(conn, kind="hot_reload", agent_id=agent_id, generation=1, payload={})
     with sw.engine.connect() as conn:
-        [first] = claim(conn, worker="w1", limit=10, lease=LEASE).messages  # one per agent per claim
-        assert claim(conn, worker="w2", limit=10, lease=LEASE).messages == [], (
-            "the agent has a running message"
-        )
+        [first] = claim(conn, worker="w1", limit=10, lease=LEASE)  # one per agent per claim
+        assert claim(conn, worker="w2", limit=10, lease=LEASE) == [], "the agent has a running message"
         complete(conn, worker="w1", message_id=first.id, result="ok")
-        [second] = claim(conn, worker="w2", limit=10, lease=LEASE).messages
+        [second] = claim(conn, worker="w2", limit=10, lease=LEASE)
     assert second.id != first.id
 
 
@@ -102,9 +98,9 @@ def test_an_expired_lease_is_claimed_again_and_the_old_holder_cannot_complete(sw
     _agents(sw, 1)
     _switch_all(sw, 1)
     with sw.engine.connect() as conn:
-        [lost] = claim(conn, worker="dead-drainer", limit=1, lease=LEASE).messages
+        [lost] = claim(conn, worker="dead-drainer", limit=1, lease=LEASE)
         _expire_leases(sw)
-        [again] = claim(conn, worker="w2", limit=1, lease=LEASE).messages
+        [again] = claim(conn, worker="w2", limit=1, lease=LEASE)
         assert again.id == lost.id and again.attempts == 2
         assert not complete(conn, worker="dead-drainer", message_id=lost.id, result="late"), "lease lost"
         assert complete(conn, worker="w2", message_id=again.id, result="ok")
@@ -117,12 +113,12 @@ def test_an_expired_older_message_is_superseded_by_the_newer_pending_one(sw: Swi
     sw.add_agent("agent0", subscription="A")
     sw.handle_failure("agent0", "A", FailureKind.RATE_LIMIT)
     with sw.engine.connect() as conn:
-        [old] = claim(conn, worker="dead-drainer", limit=1, lease=LEASE).messages
+        [old] = claim(conn, worker="dead-drainer", limit=1, lease=LEASE)
         sw.handle_failure("agent0", "B", FailureKind.RATE_LIMIT)  # generation 2, a new pending message
         _expire_leases(sw)
-        result = claim(conn, worker="w2", limit=5, lease=LEASE)
-    assert result.superseded == 1
-    assert [(m.generation, m.attempts) for m in result.messages] == [(2, 1)]
+        assert supersede(conn) == 1
+        claimed = claim(conn, worker="w2", limit=5, lease=LEASE)
+    assert [(m.generation, m.attempts) for m in claimed] == [(2, 1)]
     assert {row.id: row.status for row in outbox_rows(sw)}[old.id] == "superseded"
 
 
@@ -131,15 +127,15 @@ def test_failures_back_off_then_go_dead_and_can_be_requeued(sw: Switcher) -> Non
     _switch_all(sw, 1)
     backoff = Backoff(timedelta(hours=1), timedelta(hours=1))
     with sw.engine.connect() as conn:
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE).messages
+        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
         assert (
             fail(conn, worker="w", message_id=m.id, error="boom", attempts=1, max_attempts=2, backoff=backoff)
             == "pending"
         )
-        assert claim(conn, worker="w", limit=1, lease=LEASE).messages == [], "not due before its backoff"
+        assert claim(conn, worker="w", limit=1, lease=LEASE) == [], "not due before its backoff"
         conn.execute(text("UPDATE switcher.outbox SET available_at = now()"))
         conn.commit()
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE).messages
+        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
         assert m.attempts == 2
         assert (
             fail(
@@ -157,7 +153,7 @@ def test_failures_back_off_then_go_dead_and_can_be_requeued(sw: Switcher) -> Non
         [row] = outbox_rows(sw)
         assert (row.status, row.last_error) == ("dead", "boom again")
         assert requeue(conn, m.id) == "pending"
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE).messages
+        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
         assert m.attempts == 1, "a requeued message gets a full set of attempts"
         with pytest.raises(InvalidInput):
             requeue(conn, m.id)  # running: not requeueable
@@ -169,7 +165,7 @@ def test_a_failure_while_a_newer_message_waits_supersedes(sw: Switcher) -> None:
     sw.add_agent("agent0", subscription="A")
     sw.handle_failure("agent0", "A", FailureKind.RATE_LIMIT)
     with sw.engine.connect() as conn:
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE).messages
+        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
         sw.handle_failure("agent0", "B", FailureKind.RATE_LIMIT)
         assert (
             fail(conn, worker="w", message_id=m.id, error="x", attempts=1, max_attempts=5, backoff=NO_WAIT)
@@ -182,9 +178,9 @@ def test_release_gives_back_a_claim_uncounted(sw: Switcher) -> None:
     _agents(sw, 1)
     _switch_all(sw, 1)
     with sw.engine.connect() as conn:
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE).messages
+        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
         assert release(conn, worker="w", message_id=m.id) == "pending"
-        [again] = claim(conn, worker="w", limit=1, lease=LEASE).messages
+        [again] = claim(conn, worker="w", limit=1, lease=LEASE)
     assert again.attempts == 1
 
 
