@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from switcher import FailureKind, Switcher
 from switcher.api import database_url
 from switcher.drainer import Drainer, DrainerConfig
-from switcher.outbox import RESTART_AGENT, Backoff, Message, requeue
+from switcher.outbox import RESTART_AGENT, Backoff, Message, enqueue, requeue
 from tests import drainers
 from tests.conftest import outbox_rows, wait_for
 
@@ -167,3 +167,31 @@ def test_switcher_drain_cli_stops_cleanly_on_sigterm(sw: Switcher, url: str) -> 
         _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "drainer stopped" in err
+
+
+def test_a_host_application_plugs_in_its_own_message_kind(sw: Switcher, url: str) -> None:
+    _setup(sw)
+    reloaded = threading.Event()
+
+    def hot_reload(message: Message) -> str:
+        assert message.payload == {"reason": "config changed"}
+        reloaded.set()
+        return "reloaded"
+
+    engine = create_engine(database_url(url))
+    drainer = Drainer(engine, {"hot_reload": hot_reload}, DrainerConfig(poll_interval=timedelta(hours=1)))
+    thread = threading.Thread(target=drainer.run)
+    thread.start()
+    try:
+        assert drainer.listening.wait(60)
+        with sw.engine.begin() as conn:  # in the host's own transaction
+            agent_id = conn.execute(text("SELECT id FROM switcher.agents")).scalar_one()
+            enqueue(
+                conn, kind="hot_reload", agent_id=agent_id, generation=0, payload={"reason": "config changed"}
+            )
+        assert reloaded.wait(60)
+        wait_for(lambda: outbox_rows(sw)[0].result == "reloaded", what="recorded")
+    finally:
+        drainer.stop()
+        thread.join(60)
+        engine.dispose()
