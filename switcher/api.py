@@ -183,6 +183,14 @@ class Switcher:
     def set_cooldown_window(self, window: timedelta | float) -> Settings:
         return self._in_transaction(registry.update_settings, cooldown_window=window)
 
+    def update_settings(
+        self, *, auto_switch: bool | None = None, cooldown_window: timedelta | float | None = None
+    ) -> Settings:
+        """Change what is given, leave the rest."""
+        return self._in_transaction(
+            registry.update_settings, auto_switch=auto_switch, cooldown_window=cooldown_window
+        )
+
 
 class AsyncSwitcher:
     """The same API for asyncio backends, on an async engine; same semantics, same code underneath."""
@@ -316,3 +324,10 @@ class AsyncSwitcher:
 
     async def set_cooldown_window(self, window: timedelta | float) -> Settings:
         return await self._in_transaction(registry.update_settings, cooldown_window=window)
+
+    async def update_settings(
+        self, *, auto_switch: bool | None = None, cooldown_window: timedelta | float | None = None
+    ) -> Settings:
+        return await self._in_transaction(
+            registry.update_settings, auto_switch=auto_switch, cooldown_window=cooldown_window
+        )

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import partial
 from typing import TypeVar
@@ -100,9 +100,11 @@ class DrainerMetrics:
                 if seconds <= bound:
                     self.handler_seconds_buckets[i] += 1
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> DrainerMetrics:
+        """A consistent copy. Buckets are cumulative: ``handler_seconds_buckets[i]`` counts runs of at
+        most ``HANDLER_SECONDS_BUCKETS[i]`` seconds."""
         with self._lock:
-            return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items() if k != "_lock"}
+            return replace(self, handler_seconds_buckets=list(self.handler_seconds_buckets))
 
 
 class Drainer:
@@ -262,6 +264,7 @@ class Drainer:
                         log.warning("lease lost before completion was recorded", extra=_fields(message))
                 with self._lock:
                     self._started.difference_update(batch)
+                self._wake.set()  # the agents of this batch may have messages waiting behind these
             elif self._closing.is_set():
                 return
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 
 class FailureKind(enum.StrEnum):
@@ -58,6 +58,8 @@ class Subscription:
     max_agents: int | None
     enabled: bool
     assigned: int
+    cooling_until: datetime | None = None
+    """While in cooldown (a failure inside the window), when the cooldown ends; else None."""
 
 
 @dataclass(frozen=True, slots=True)

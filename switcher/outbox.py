@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from .errors import InvalidInput
 
 RESTART_AGENT = "restart_agent"
+OUTBOX_STATUSES = ("pending", "running", "done", "dead", "superseded")
 NOTIFY_CHANNEL = "switcher_outbox"
 MAX_ERROR_LENGTH = 2_000
 
@@ -318,3 +319,66 @@ def stats(conn: Connection) -> OutboxStats:
         row = conn.execute(_STATS).one()
     oldest = None if row.oldest_pending_seconds is None else float(row.oldest_pending_seconds)
     return OutboxStats(row.pending, row.running, row.dead, oldest)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A message as an operator sees it."""
+
+    id: int
+    kind: str
+    agent: str
+    generation: int
+    status: str
+    attempts: int
+    available_at: datetime
+    leased_until: datetime | None
+    leased_by: str | None
+    last_error: str | None
+    result: str | None
+    payload: dict[str, Any]
+    enqueued_at: datetime
+    updated_at: datetime
+
+
+_ROWS = """
+    SELECT o.id, o.kind, a.name AS agent, o.generation, o.status, o.attempts, o.available_at,
+           o.leased_until, o.leased_by, o.last_error, o.result, o.payload, o.enqueued_at, o.updated_at
+    FROM switcher.outbox o JOIN switcher.agents a ON a.id = o.agent_id
+"""
+_LIST = text(
+    _ROWS + " WHERE CAST(:status AS text) IS NULL OR o.status = :status ORDER BY o.id DESC LIMIT :limit"
+)
+_SHOW = text(_ROWS + " WHERE o.id = :id")
+_PURGE = text(
+    """
+    DELETE FROM switcher.outbox
+    WHERE status = ANY(CAST(:statuses AS text[])) AND updated_at < now() - :older_than
+    """
+)
+FINISHED_STATUSES = ("done", "superseded")
+
+
+def list_messages(conn: Connection, *, status: str | None = None, limit: int = 50) -> list[OutboxRow]:
+    if status is not None and status not in OUTBOX_STATUSES:
+        raise InvalidInput(f"status must be one of {', '.join(OUTBOX_STATUSES)}, got {status!r}")
+    with conn.begin():
+        rows = conn.execute(_LIST, {"status": status, "limit": limit}).all()
+    return [OutboxRow(**r._mapping) for r in rows]
+
+
+def get_message(conn: Connection, message_id: int) -> OutboxRow:
+    with conn.begin():
+        row = conn.execute(_SHOW, {"id": message_id}).one_or_none()
+    if row is None:
+        raise InvalidInput(f"no outbox message with id {message_id}")
+    return OutboxRow(**row._mapping)
+
+
+def purge(conn: Connection, *, older_than: timedelta, statuses: Sequence[str] = FINISHED_STATUSES) -> int:
+    """Delete finished messages last changed more than ``older_than`` ago; return how many."""
+    unknown = set(statuses) - set(OUTBOX_STATUSES)
+    if unknown or {"pending", "running"} & set(statuses):
+        raise InvalidInput("purge removes only done, superseded or dead messages")
+    with conn.begin():
+        return conn.execute(_PURGE, {"statuses": list(statuses), "older_than": older_than}).rowcount

@@ -16,7 +16,11 @@ _RESERVE = text("SELECT switcher.reserve(:id, NULL, true)")
 
 _SUBSCRIPTIONS = """
     SELECT s.name, s.credential_ref, s.priority, s.max_agents, s.enabled,
-           (SELECT count(*) FROM switcher.agents a WHERE a.subscription_id = s.id) AS assigned
+           (SELECT count(*) FROM switcher.agents a WHERE a.subscription_id = s.id) AS assigned,
+           NULLIF(GREATEST(
+               (SELECT max(f.occurred_at) FROM switcher.failures f WHERE f.subscription_id = s.id)
+                   + (SELECT st.cooldown_window FROM switcher.settings st WHERE st.id = 1),
+               now()), now()) AS cooling_until
     FROM switcher.subscriptions s
 """
 _AGENTS = """

@@ -111,7 +111,6 @@ switches = Table(
     Index("switches_agent_id_idx", "agent_id", "id"),
 )
 
-OUTBOX_STATUSES = ("pending", "running", "done", "dead", "superseded")
 
 outbox = Table(
     "outbox",
