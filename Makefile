@@ -21,8 +21,8 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check switcher db tests bench
-	$(BIN)/ruff format --check switcher db tests bench
+	$(BIN)/ruff check switcher db tests bench examples
+	$(BIN)/ruff format --check switcher db tests bench examples
 	$(BIN)/mypy --strict switcher
 
 # Everything: PostgreSQL from SWITCHER_TEST_DATABASE_URL, else a container, else embedded.

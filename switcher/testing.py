@@ -21,7 +21,7 @@ import os
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,8 @@ class PostgresServer:
     """Admin URL (a role that may create databases), pointing at an existing database."""
     source: str
     """Where the server came from: ``env``, ``testcontainers`` or ``embedded``."""
+    stop: Callable[[], None] | None = None
+    """Stops the server, where this process owns it (embedded): for tests of a database going away."""
 
     def database(self, name: str) -> URL:
         return self.url.set(database=name)
@@ -118,7 +120,7 @@ def embedded_server() -> Iterator[PostgresServer]:
     with tempfile.TemporaryDirectory(prefix="switcher-pg-") as tmp:
         server = get_server(Path(tmp) / "data", cleanup_mode="delete")
         try:
-            yield PostgresServer(database_url(server.get_uri("postgres")), "embedded")
+            yield PostgresServer(database_url(server.get_uri("postgres")), "embedded", stop=server.cleanup)
         finally:
             server.cleanup()
 
