@@ -85,17 +85,23 @@ def done_count(url: str) -> int:
         )
 
 
+def start_ready(target: Any, url: str, processes: int) -> tuple[list[Any], Any]:
+    """Start ``target(url, ready, go)`` in each process; return once all are ready, with the go event."""
+    go = CTX.Event()
+    readies = [CTX.Event() for _ in range(processes)]
+    procs = [CTX.Process(target=target, args=(url, ready, go)) for ready in readies]
+    for p in procs:
+        p.start()
+    for ready in readies:
+        ready.wait(60)
+    return procs, go
+
+
 def switcher_throughput(server: URL, processes: int, n: int) -> float:
     with fresh_database(server, "switcher_bench") as db:
         url = db.render_as_string(hide_password=False)
         fill_backlog(url, n)
-        go = CTX.Event()
-        readies = [CTX.Event() for _ in range(processes)]
-        procs = [CTX.Process(target=drainer_process, args=(url, ready, go)) for ready in readies]
-        for p in procs:
-            p.start()
-        for ready in readies:
-            ready.wait(60)
+        procs, go = start_ready(drainer_process, url, processes)
         start = time.perf_counter()
         go.set()
         while done_count(url) < n:
@@ -153,13 +159,7 @@ def pgqueuer_throughput(server: URL, processes: int, n: int) -> float | None:
             await queries.enqueue([RESTART_AGENT] * n, [None] * n, [0] * n)
 
         asyncio.run(setup())
-        go = CTX.Event()
-        readies = [CTX.Event() for _ in range(processes)]
-        procs = [CTX.Process(target=pgqueuer_worker, args=(url, ready, go)) for ready in readies]
-        for p in procs:
-            p.start()
-        for ready in readies:
-            ready.wait(60)
+        procs, go = start_ready(pgqueuer_worker, url, processes)
         start = time.perf_counter()
         go.set()
         for p in procs:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import URL, make_url
@@ -24,6 +24,7 @@ from .switch import SwitchOptions
 
 P = ParamSpec("P")
 T = TypeVar("T")
+E = TypeVar("E")
 
 
 def database_url(url: str | URL) -> URL:
@@ -46,23 +47,23 @@ def _options(lock_timeout: timedelta, policy: SelectionPolicy | None, max_retrie
     return SwitchOptions(lock_timeout=lock_timeout, policy=policy, max_retries=max_retries)
 
 
-class Switcher:
-    """Synchronous API, for schedulers, scripts and threaded servers.
-
-    ``lock_timeout`` bounds every row-lock wait (then ``SwitchBusy``); ``policy`` ranks alternatives
-    (default ``LeastLoaded``); ``max_retries`` bounds internal retries of deadlocks.
-    """
+class _FrontDoor(Generic[E]):
+    """What both front doors share: an engine and the switch's options."""
 
     def __init__(
         self,
-        engine: Engine,
+        engine: E,
         *,
         lock_timeout: timedelta = timedelta(seconds=3),
         policy: SelectionPolicy | None = None,
         max_retries: int = 3,
     ) -> None:
-        self.engine = engine
+        self.engine: E = engine
         self.options = _options(lock_timeout, policy, max_retries)
+
+    @staticmethod
+    def _create_engine(url: URL, **options: Any) -> E:
+        raise NotImplementedError
 
     @classmethod
     def from_url(
@@ -73,14 +74,28 @@ class Switcher:
         policy: SelectionPolicy | None = None,
         max_retries: int = 3,
         **engine_options: Any,
-    ) -> Switcher:
-        engine = create_engine(database_url(url), **engine_options)
+    ) -> Self:
+        """Connect with psycopg 3 (a plain ``postgresql://`` URL is fine); ``engine_options`` go to
+        SQLAlchemy (``pool_size``, ``pool_pre_ping``, ...)."""
+        engine = cls._create_engine(database_url(url), **engine_options)
         return cls(engine, lock_timeout=lock_timeout, policy=policy, max_retries=max_retries)
+
+
+class Switcher(_FrontDoor[Engine]):
+    """Synchronous API, for schedulers, scripts and threaded servers.
+
+    ``lock_timeout`` bounds every row-lock wait (then ``SwitchBusy``); ``policy`` ranks alternatives
+    (default ``LeastLoaded``); ``max_retries`` bounds internal retries of deadlocks.
+    """
+
+    @staticmethod
+    def _create_engine(url: URL, **options: Any) -> Engine:
+        return create_engine(url, **options)
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> Switcher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -192,37 +207,17 @@ class Switcher:
         )
 
 
-class AsyncSwitcher:
+class AsyncSwitcher(_FrontDoor[AsyncEngine]):
     """The same API for asyncio backends, on an async engine; same semantics, same code underneath."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        *,
-        lock_timeout: timedelta = timedelta(seconds=3),
-        policy: SelectionPolicy | None = None,
-        max_retries: int = 3,
-    ) -> None:
-        self.engine = engine
-        self.options = _options(lock_timeout, policy, max_retries)
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str | URL,
-        *,
-        lock_timeout: timedelta = timedelta(seconds=3),
-        policy: SelectionPolicy | None = None,
-        max_retries: int = 3,
-        **engine_options: Any,
-    ) -> AsyncSwitcher:
-        engine = create_async_engine(database_url(url), **engine_options)
-        return cls(engine, lock_timeout=lock_timeout, policy=policy, max_retries=max_retries)
+    @staticmethod
+    def _create_engine(url: URL, **options: Any) -> AsyncEngine:
+        return create_async_engine(url, **options)
 
     async def close(self) -> None:
         await self.engine.dispose()
 
-    async def __aenter__(self) -> AsyncSwitcher:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
