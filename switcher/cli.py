@@ -71,7 +71,33 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "docker", "simulated"),
     )
     demo.add_argument("--sabotage", choices=("duplicate-switch",), help=argparse.SUPPRESS)
+    _environment_for_every_option(parser, [])
     return parser
+
+
+def _environment_for_every_option(parser: argparse.ArgumentParser, path: list[str]) -> None:
+    """Give each option not already tied to a variable one named after it: ``--priority`` of
+    ``subscription add`` reads SWITCHER_SUBSCRIPTION_ADD_PRIORITY. --help shows the name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                _environment_for_every_option(subparser, [*path, name])
+            continue
+        if not action.option_strings:
+            continue
+        if (
+            action.dest == "help"
+            or action.help == argparse.SUPPRESS
+            or "(env SWITCHER_" in (action.help or "")
+        ):
+            continue
+        env = "SWITCHER_" + "_".join([*path, action.dest]).upper()
+        raw = os.environ.get(env)
+        if raw is not None:
+            convert = action.type if callable(action.type) else (_on_off if action.nargs == 0 else str)
+            action.default = convert(raw)
+            action.required = False
+        action.help = f"{action.help or ''} (env {env})".strip()
 
 
 def _registry_parsers(commands: Any) -> None:

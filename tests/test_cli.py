@@ -131,14 +131,39 @@ def test_user_mistakes_are_one_line_errors(url: str) -> None:
 
 
 def test_every_option_shows_its_environment_variable() -> None:
-    for command in ([], ["drain"], ["demo"]):
+    commands = [
+        [],
+        ["drain"],
+        ["demo"],
+        ["fail"],
+        ["subscription", "add"],
+        ["agent", "add"],
+        ["outbox", "list"],
+    ]
+    commands += [["outbox", "purge"], ["settings", "set"]]
+    for command in commands:
         helped = switcher(*command, "--help")
         assert helped.returncode == 0
         flat = " ".join(helped.stdout.split())
-        options = set(re.findall(r"(--[a-z][a-z-]+)", flat)) - {"--help", "--json"}
+        options = set(re.findall(r"(--[a-z][a-z-]+)", flat)) - {"--help"}
         assert options, command
         assert flat.count("(env SWITCHER_") >= len(options), f"every option of {command} names its variable"
     assert "SWITCHER_METRICS_PORT" in switcher("drain", "--help").stdout
+
+
+def test_logs_can_be_json_lines_with_structured_fields(url: str) -> None:
+    drain = subprocess.Popen(
+        [sys.executable, "-m", "switcher", "--database-url", url, "--log-format", "json", "drain"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert drain.stderr is not None
+        first = json.loads(drain.stderr.readline())
+    finally:
+        drain.send_signal(signal.SIGTERM)
+        drain.communicate(timeout=60)
+    assert first["message"] == "drainer started" and first["level"] == "INFO" and "worker" in first
 
 
 def test_environment_variables_set_options(url: str) -> None:
