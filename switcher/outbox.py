@@ -35,7 +35,7 @@ from .errors import InvalidInput
 
 RESTART_AGENT = "restart_agent"
 OUTBOX_STATUSES = ("pending", "running", "done", "dead", "superseded")
-NOTIFY_CHANNEL = "switcher_outbox"
+NOTIFY_CHANNEL = "switcher_outbox"  # also spelled out in switcher.enqueue (db/versions)
 MAX_ERROR_LENGTH = 2_000
 
 

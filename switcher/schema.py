@@ -28,7 +28,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 SCHEMA = "switcher"
-NOTIFY_CHANNEL = "switcher_outbox"
 
 metadata = MetaData(
     schema=SCHEMA,
