@@ -1,42 +1,16 @@
-"""Alembic environment for switcher. Everything lives in the ``switcher`` schema, version table
-included, so switcher's history never collides with the host application's own Alembic."""
+"""Alembic environment for ``alembic -c alembic.ini ...`` in a source checkout (URL from
+SWITCHER_DATABASE_URL or ``-x url=...``). Applications run ``switcher migrate`` or ``Switcher.migrate()``,
+which apply the same migrations without this file (``switcher.migrate``)."""
 
 from __future__ import annotations
 
 import os
 
 from alembic import context
-from sqlalchemy import Connection, create_engine, pool, text
+from sqlalchemy import create_engine, pool
 
 from switcher.api import database_url
-from switcher.schema import SCHEMA, metadata
-
-config = context.config
-
-
-def _include_name(name: str | None, type_: str, parent_names: object) -> bool:
-    # Never look at (or touch) objects outside our schema.
-    return type_ != "schema" or name == SCHEMA
-
-
-def _configure(**kwargs: object) -> None:
-    context.configure(
-        target_metadata=metadata,
-        version_table="alembic_version",
-        version_table_schema=SCHEMA,
-        include_schemas=True,
-        include_name=_include_name,
-        **kwargs,
-    )
-
-
-def _run(connection: Connection) -> None:
-    # Concurrent `migrate` calls from several processes take turns.
-    connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('switcher.migrate'))"))
-    connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
-    _configure(connection=connection)
-    with context.begin_transaction():
-        context.run_migrations()
+from switcher.migrate import SCHEMA, VERSION_TABLE, current, ensure_schema, migrating, remove_schema
 
 
 def _url() -> str:
@@ -46,13 +20,23 @@ def _url() -> str:
     return url
 
 
+def _configure(**kwargs: object) -> None:
+    context.configure(version_table=VERSION_TABLE, version_table_schema=SCHEMA, **kwargs)
+
+
 if context.is_offline_mode():
     _configure(url=database_url(_url()), literal_binds=True)
     with context.begin_transaction():
         context.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
         context.run_migrations()
-elif (connection := config.attributes.get("connection")) is not None:
-    _run(connection)
 else:
-    with create_engine(database_url(_url()), poolclass=pool.NullPool).begin() as connection:
-        _run(connection)
+    with (
+        create_engine(database_url(_url()), poolclass=pool.NullPool).begin() as connection,
+        migrating(connection),
+    ):
+        ensure_schema(connection)
+        _configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+        if current(connection) is None:  # downgraded to base: nothing of switcher's is left
+            remove_schema(connection)

@@ -1,38 +1,44 @@
 """The two front doors: ``Switcher`` (sync) and ``AsyncSwitcher`` (asyncio).
 
-Both run the same synchronous functions from ``switch`` and ``registry``; the async one through
-``AsyncConnection.run_sync``. The methods here only open connections and transactions.
+Both are ``operations.Operations``: every method is declared there once, as a synchronous body; the doors
+only decide where it runs. ``Switcher`` runs it on a connection of its engine; ``AsyncSwitcher`` runs the
+same body through ``AsyncConnection.run_sync``, so both have one body of logic and the same semantics.
+
+Either door takes an engine of the host application's (``Switcher(engine)``, ``AsyncSwitcher(async_engine)``,
+any PostgreSQL driver SQLAlchemy supports) or makes its own (``from_url``, psycopg 3).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable
 from datetime import timedelta
-from functools import partial
-from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar, final
 
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from . import registry, switch
-from .errors import DatabaseURLError
-from .model import Agent, FailureKind, Settings, Subscription, SwitchResult
+from .errors import DatabaseURLError, InvalidInput
+from .executions import DEFAULT_GATE_TIMEOUT, DEFAULT_TTL, AsyncExecution, Execution
+from .operations import Context, Operation, Operations, joined_connection
 from .selection import SelectionPolicy
-from .switch import SwitchOptions
+from .switch import Options
 
-P = ParamSpec("P")
 T = TypeVar("T")
-E = TypeVar("E")
+E = TypeVar("E", Engine, AsyncEngine)
+X = TypeVar("X", Execution, AsyncExecution)
 
 
 def database_url(url: str | URL) -> URL:
     """Normalise a PostgreSQL URL to SQLAlchemy's psycopg 3 dialect (``postgresql://`` is accepted)."""
     try:
         parsed = make_url(url)
-    except ArgumentError as error:
+        port = parsed.port  # SQLAlchemy parses the port lazily; a bad one raises ValueError here
+    except (ArgumentError, ValueError) as error:
         raise DatabaseURLError(f"not a database URL: {error}") from None
+    if port is not None and not 0 < port < 65536:
+        raise DatabaseURLError(f"not a database URL: port {port} is out of range")
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg_async"):
         return parsed.set(drivername="postgresql+psycopg")
     raise DatabaseURLError(
@@ -41,14 +47,10 @@ def database_url(url: str | URL) -> URL:
     )
 
 
-def _options(lock_timeout: timedelta, policy: SelectionPolicy | None, max_retries: int) -> SwitchOptions:
-    if policy is None:
-        return SwitchOptions(lock_timeout=lock_timeout, max_retries=max_retries)
-    return SwitchOptions(lock_timeout=lock_timeout, policy=policy, max_retries=max_retries)
+class _Door(Operations, Generic[E, X]):
+    """What both front doors share: an engine, the switch's options, and ``execution``."""
 
-
-class _FrontDoor(Generic[E]):
-    """What both front doors share: an engine and the switch's options."""
+    _execution_class: type[X]
 
     def __init__(
         self,
@@ -58,11 +60,23 @@ class _FrontDoor(Generic[E]):
         policy: SelectionPolicy | None = None,
         max_retries: int = 3,
     ) -> None:
+        if not isinstance(engine, self._engine_class()):
+            raise InvalidInput(
+                f"{type(self).__name__} needs a SQLAlchemy {self._engine_class().__name__}, "
+                f"got {type(engine).__name__}"
+            )
         self.engine: E = engine
-        self.options = _options(lock_timeout, policy, max_retries)
+        options: dict[str, Any] = {"lock_timeout": lock_timeout, "max_retries": max_retries}
+        if policy is not None:
+            options["policy"] = policy
+        self.options = Options(**options)
 
     @staticmethod
-    def _create_engine(url: URL, **options: Any) -> E:
+    def _engine_class() -> type[E]:
+        raise NotImplementedError
+
+    @classmethod
+    def _create_engine(cls, url: URL, **options: Any) -> E:
         raise NotImplementedError
 
     @classmethod
@@ -76,21 +90,61 @@ class _FrontDoor(Generic[E]):
         **engine_options: Any,
     ) -> Self:
         """Connect with psycopg 3 (a plain ``postgresql://`` URL is fine); ``engine_options`` go to
-        SQLAlchemy (``pool_size``, ``pool_pre_ping``, ...)."""
-        engine = cls._create_engine(database_url(url), **engine_options)
+        SQLAlchemy (``pool_size``, ``pool_pre_ping``, ...).
+
+        ``lock_timeout`` bounds every row-lock wait (then ``SwitchBusy``); ``policy`` ranks alternatives
+        (default ``LeastLoaded``); ``max_retries`` bounds internal retries (deadlocks, lost connections).
+        """
+        options = Options(lock_timeout=lock_timeout, max_retries=max_retries)  # checked before connecting
+        connect_args = dict(engine_options.pop("connect_args", {}))
+        # Sessions start with the switch's lock_timeout, so the switch need not set it on every call.
+        connect_args.setdefault("options", f"-c lock_timeout={options.lock_timeout_setting}")
+        engine = cls._create_engine(database_url(url), connect_args=connect_args, **engine_options)
         return cls(engine, lock_timeout=lock_timeout, policy=policy, max_retries=max_retries)
 
+    def execution(
+        self,
+        agent: str,
+        *,
+        ttl: timedelta = DEFAULT_TTL,
+        gate_timeout: timedelta = DEFAULT_GATE_TIMEOUT,
+    ) -> X:
+        """Register an in-flight execution of ``agent`` for the duration of a ``with`` block (``async
+        with`` on ``AsyncSwitcher``).
 
-class Switcher(_FrontDoor[Engine]):
-    """Synchronous API, for schedulers, scripts and threaded servers.
+        A drain-aware restart of the agent waits for it (up to the drainer's ``--drain-timeout``); while a
+        restart runs, ``execution()`` waits for it up to ``gate_timeout``, then raises
+        ``AgentRestarting``. ``ttl`` bounds how long a holder that died keeps a restart waiting. Inside,
+        ``ex.subscription``/``ex.generation`` are the execution's snapshot and ``ex.report_failure(kind,
+        message)`` reports with it.
+        """
+        return self._execution_class(self, agent, ttl, gate_timeout)  # type: ignore[arg-type]
 
-    ``lock_timeout`` bounds every row-lock wait (then ``SwitchBusy``); ``policy`` ranks alternatives
-    (default ``LeastLoaded``); ``max_retries`` bounds internal retries of deadlocks.
-    """
+
+@final
+class Switcher(_Door[Engine, Execution]):
+    """Synchronous API, for schedulers, scripts and threaded servers."""
+
+    _execution_class = Execution
 
     @staticmethod
-    def _create_engine(url: URL, **options: Any) -> Engine:
+    def _engine_class() -> type[Engine]:
+        return Engine
+
+    @classmethod
+    def _create_engine(cls, url: URL, **options: Any) -> Engine:
         return create_engine(url, **options)
+
+    def _call(self, operation: Operation[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        joined = joined_connection(kwargs, Connection) if operation.joinable else None
+        if joined is not None:
+            return operation.body(Context(joined, self.options, joined=True), *args, **kwargs)
+        if operation.mode == "transaction":
+            with self.engine.begin() as conn:
+                return operation.body(Context(conn, self.options), *args, **kwargs)
+        with self.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            return operation.body(Context(conn, self.options), *args, **kwargs)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -101,118 +155,46 @@ class Switcher(_FrontDoor[Engine]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _in_transaction(self, fn: Callable[Concatenate[Connection, P], T], *a: P.args, **k: P.kwargs) -> T:
-        with self.engine.begin() as conn:
-            return fn(conn, *a, **k)
 
-    def migrate(self) -> None:
-        """Upgrade the ``switcher`` schema to the newest migration (Alembic ``upgrade head``)."""
-        from .migrate import upgrade
+@final
+class AsyncSwitcher(_Door[AsyncEngine, AsyncExecution]):
+    """The same API for asyncio backends, awaited; same semantics, same code underneath."""
 
-        self._in_transaction(upgrade)
-
-    def handle_failure(
-        self,
-        agent: str,
-        failed_subscription: str | None,
-        kind: FailureKind | str,
-        message: str | None = "",
-        connection: Connection | None = None,
-    ) -> SwitchResult:
-        """Report that a request of ``agent`` failed on ``failed_subscription`` (the caller's snapshot).
-
-        Switches the agent at most once per failed subscription, however many processes report it.
-        ``failed_subscription=None`` means "whatever it uses now" (weaker: a late report can then move an
-        agent that was already moved). With ``connection``, the switch joins that connection's
-        transaction (in a savepoint) and takes effect when the caller commits.
-        """
-        call = partial(
-            switch.handle_failure,
-            agent=agent,
-            failed_subscription=failed_subscription,
-            kind=kind,
-            message=message,
-            options=self.options,
-        )
-        if connection is not None:
-            return call(connection, joined=True)
-        with self.engine.connect() as conn:
-            return call(conn, joined=False)
-
-    def assign(self, agent: str, subscription: str) -> SwitchResult:
-        """Move ``agent`` to ``subscription`` by hand (respecting ``max_agents``) and enqueue its restart."""
-        with self.engine.connect() as conn:
-            return switch.assign(conn, agent=agent, subscription=subscription, options=self.options)
-
-    def add_subscription(
-        self,
-        name: str,
-        *,
-        credential_ref: str,
-        priority: int = 0,
-        max_agents: int | None = None,
-        enabled: bool = True,
-    ) -> Subscription:
-        return self._in_transaction(
-            registry.add_subscription,
-            name,
-            credential_ref=credential_ref,
-            priority=priority,
-            max_agents=max_agents,
-            enabled=enabled,
-        )
-
-    def add_agent(self, name: str, *, subscription: str | None = None, container: str | None = None) -> Agent:
-        return self._in_transaction(registry.add_agent, name, subscription=subscription, container=container)
-
-    def current_subscription(self, agent: str) -> str | None:
-        return self._in_transaction(registry.agent, agent).subscription
-
-    def agent(self, name: str) -> Agent:
-        return self._in_transaction(registry.agent, name)
-
-    def agents(self) -> list[Agent]:
-        return self._in_transaction(registry.agents)
-
-    def subscription(self, name: str) -> Subscription:
-        return self._in_transaction(registry.subscription, name)
-
-    def subscriptions(self) -> list[Subscription]:
-        return self._in_transaction(registry.subscriptions)
-
-    def enable_subscription(self, name: str) -> None:
-        self._in_transaction(registry.set_subscription_enabled, name, True)
-
-    def disable_subscription(self, name: str) -> None:
-        self._in_transaction(registry.set_subscription_enabled, name, False)
-
-    def settings(self) -> Settings:
-        return self._in_transaction(registry.settings)
-
-    def enable_auto_switch(self) -> Settings:
-        return self._in_transaction(registry.update_settings, auto_switch=True)
-
-    def disable_auto_switch(self) -> Settings:
-        return self._in_transaction(registry.update_settings, auto_switch=False)
-
-    def set_cooldown_window(self, window: timedelta | float) -> Settings:
-        return self._in_transaction(registry.update_settings, cooldown_window=window)
-
-    def update_settings(
-        self, *, auto_switch: bool | None = None, cooldown_window: timedelta | float | None = None
-    ) -> Settings:
-        """Change what is given, leave the rest."""
-        return self._in_transaction(
-            registry.update_settings, auto_switch=auto_switch, cooldown_window=cooldown_window
-        )
-
-
-class AsyncSwitcher(_FrontDoor[AsyncEngine]):
-    """The same API for asyncio backends, on an async engine; same semantics, same code underneath."""
+    _execution_class = AsyncExecution
 
     @staticmethod
-    def _create_engine(url: URL, **options: Any) -> AsyncEngine:
+    def _engine_class() -> type[AsyncEngine]:
+        return AsyncEngine
+
+    @classmethod
+    def _create_engine(cls, url: URL, **options: Any) -> AsyncEngine:
         return create_async_engine(url, **options)
+
+    def _call(
+        self, operation: Operation[Any, T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Awaitable[T]:
+        # Checked now, so that a bad ``connection=`` raises where the call is made.
+        joined = joined_connection(kwargs, AsyncConnection) if operation.joinable else None
+        return self._run(operation, joined, args, kwargs)
+
+    async def _run(
+        self,
+        operation: Operation[Any, T],
+        joined: AsyncConnection | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        def body(conn: Connection, joined: bool = False) -> T:
+            return operation.body(Context(conn, self.options, joined=joined), *args, **kwargs)
+
+        if joined is not None:
+            return await joined.run_sync(body, True)
+        if operation.mode == "transaction":
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(body)
+        async with self.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return await conn.run_sync(body)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -222,107 +204,3 @@ class AsyncSwitcher(_FrontDoor[AsyncEngine]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    async def _in_transaction(
-        self, fn: Callable[Concatenate[Connection, P], T], *a: P.args, **k: P.kwargs
-    ) -> T:
-        async with self.engine.begin() as conn:
-            return await conn.run_sync(fn, *a, **k)
-
-    async def migrate(self) -> None:
-        from .migrate import upgrade
-
-        await self._in_transaction(upgrade)
-
-    async def handle_failure(
-        self,
-        agent: str,
-        failed_subscription: str | None,
-        kind: FailureKind | str,
-        message: str | None = "",
-        connection: AsyncConnection | None = None,
-    ) -> SwitchResult:
-        """See ``Switcher.handle_failure``; ``connection`` is an ``AsyncConnection`` here."""
-        call = partial(
-            switch.handle_failure,
-            agent=agent,
-            failed_subscription=failed_subscription,
-            kind=kind,
-            message=message,
-            options=self.options,
-        )
-        if connection is not None:
-            return await connection.run_sync(call, joined=True)
-        async with self.engine.connect() as conn:
-            return await conn.run_sync(call, joined=False)
-
-    async def assign(self, agent: str, subscription: str) -> SwitchResult:
-        async with self.engine.connect() as conn:
-            return await conn.run_sync(
-                switch.assign, agent=agent, subscription=subscription, options=self.options
-            )
-
-    async def add_subscription(
-        self,
-        name: str,
-        *,
-        credential_ref: str,
-        priority: int = 0,
-        max_agents: int | None = None,
-        enabled: bool = True,
-    ) -> Subscription:
-        return await self._in_transaction(
-            registry.add_subscription,
-            name,
-            credential_ref=credential_ref,
-            priority=priority,
-            max_agents=max_agents,
-            enabled=enabled,
-        )
-
-    async def add_agent(
-        self, name: str, *, subscription: str | None = None, container: str | None = None
-    ) -> Agent:
-        return await self._in_transaction(
-            registry.add_agent, name, subscription=subscription, container=container
-        )
-
-    async def current_subscription(self, agent: str) -> str | None:
-        return (await self._in_transaction(registry.agent, agent)).subscription
-
-    async def agent(self, name: str) -> Agent:
-        return await self._in_transaction(registry.agent, name)
-
-    async def agents(self) -> list[Agent]:
-        return await self._in_transaction(registry.agents)
-
-    async def subscription(self, name: str) -> Subscription:
-        return await self._in_transaction(registry.subscription, name)
-
-    async def subscriptions(self) -> list[Subscription]:
-        return await self._in_transaction(registry.subscriptions)
-
-    async def enable_subscription(self, name: str) -> None:
-        await self._in_transaction(registry.set_subscription_enabled, name, True)
-
-    async def disable_subscription(self, name: str) -> None:
-        await self._in_transaction(registry.set_subscription_enabled, name, False)
-
-    async def settings(self) -> Settings:
-        return await self._in_transaction(registry.settings)
-
-    async def enable_auto_switch(self) -> Settings:
-        return await self._in_transaction(registry.update_settings, auto_switch=True)
-
-    async def disable_auto_switch(self) -> Settings:
-        return await self._in_transaction(registry.update_settings, auto_switch=False)
-
-    async def set_cooldown_window(self, window: timedelta | float) -> Settings:
-        return await self._in_transaction(registry.update_settings, cooldown_window=window)
-
-    async def update_settings(
-        self, *, auto_switch: bool | None = None, cooldown_window: timedelta | float | None = None
-    ) -> Settings:
-        return await self._in_transaction(
-            registry.update_settings, auto_switch=auto_switch, cooldown_window=cooldown_window
-        )

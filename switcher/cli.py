@@ -1,216 +1,112 @@
-"""switcher: move agents off failing subscriptions, and restart their containers after commit.
+"""switcher: move agents off failing subscriptions, and deliver the new credential to their containers.
 
-Every option can also come from the environment variable shown in its help. Human-readable tables by
-default; --json for scripts. Errors print one line and exit non-zero (2: bad input, 1: database).
+Every option can also come from the environment variable its help shows. Tables for people, --json for
+scripts. A mistake prints one line and exits 2; exit 1 means the database could not be reached.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import enum
+import importlib
 import json
 import logging
+import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from importlib.metadata import version
+from typing import Any, TypeVar
 
-from sqlalchemy import create_engine
+import click
 from sqlalchemy.exc import DBAPIError
 
-from . import logs, outbox
-from .api import Switcher, database_url
+from . import logs
+from .api import Switcher
 from .errors import SwitcherError
+from .operations import Status
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EXIT_USAGE = 2
+EXIT_DATABASE = 1
+EXIT_CHECK_FAILED = 3
 
 
-def _option(
-    parser: argparse.ArgumentParser, flag: str, env: str, default: Any, help: str, **kwargs: Any
-) -> None:
-    """An option whose default comes from ``env`` when set; --help shows both."""
-    convert: Callable[[str], Any] = kwargs.pop("type", str)
-    value = os.environ.get(env)
-    parser.add_argument(
-        flag,
-        default=convert(value) if value is not None else default,
-        type=convert,
-        help=f"{help} (env {env}; default {default})",
-        **kwargs,
-    )
+# -- option types ------------------------------------------------------------------------------------
 
 
-def _on_off(value: str) -> bool:
-    if value.lower() in ("on", "true", "1", "yes"):
-        return True
-    if value.lower() in ("off", "false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+class Seconds(click.ParamType[float]):
+    """A finite number of seconds within bounds (``nan``, ``inf`` and ``1e20`` are refused)."""
+
+    name = "seconds"
+
+    def __init__(self, minimum: float = 0.0, maximum: float = 366 * 86400, *, above: bool = False) -> None:
+        self.minimum, self.maximum, self.above = minimum, maximum, above
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        low_ok = seconds > self.minimum if self.above else seconds >= self.minimum
+        if not (math.isfinite(seconds) and low_ok and seconds <= self.maximum):
+            bound = "above" if self.above else "at least"
+            self.fail(f"{value!r} must be {bound} {self.minimum:g} and at most {self.maximum:g}", param, ctx)
+        return seconds
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="switcher", description=__doc__)
-    _option(parser, "--database-url", "SWITCHER_DATABASE_URL", None, "PostgreSQL URL")
-    _option(parser, "--log-level", "SWITCHER_LOG_LEVEL", "INFO", "logging level")
-    _option(parser, "--log-format", "SWITCHER_LOG_FORMAT", "text", "log lines", choices=("text", "json"))
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("migrate", help="create or upgrade the switcher schema (Alembic upgrade head)")
-    _registry_parsers(commands)
-    _outbox_parsers(commands)
-    _drain_parser(commands)
-    demo = commands.add_parser("demo", help="play the whole job with real processes, then check it")
-    _option(
-        demo,
-        "--runtime",
-        "SWITCHER_DEMO_RUNTIME",
-        "auto",
-        "docker, simulated or auto",
-        choices=("auto", "docker", "simulated"),
-    )
-    demo.add_argument("--sabotage", choices=("duplicate-switch",), help=argparse.SUPPRESS)
-    _environment_for_every_option(parser, [])
-    return parser
+class Days(Seconds):
+    name = "days"
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 3660.0)
 
 
-def _environment_for_every_option(parser: argparse.ArgumentParser, path: list[str]) -> None:
-    """Give each option not already tied to a variable one named after it: ``--priority`` of
-    ``subscription add`` reads SWITCHER_SUBSCRIPTION_ADD_PRIORITY. --help shows the name."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, subparser in action.choices.items():
-                _environment_for_every_option(subparser, [*path, name])
-            continue
-        if not action.option_strings:
-            continue
-        if (
-            action.dest == "help"
-            or action.help == argparse.SUPPRESS
-            or "(env SWITCHER_" in (action.help or "")
-        ):
-            continue
-        env = "SWITCHER_" + "_".join([*path, action.dest]).upper()
-        raw = os.environ.get(env)
-        if raw is not None:
-            convert = action.type if callable(action.type) else (_on_off if action.nargs == 0 else str)
-            action.default = convert(raw)
-            action.required = False
-        action.help = f"{action.help or ''} (env {env})".strip()
+class OnOff(click.ParamType[bool]):
+    name = "on|off"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).lower()
+        if word in ("on", "true", "1", "yes"):
+            return True
+        if word in ("off", "false", "0", "no"):
+            return False
+        self.fail(f"expected on or off, got {value!r}", param, ctx)
 
 
-def _registry_parsers(commands: Any) -> None:
-    sub = commands.add_parser("subscription", help="register and inspect subscriptions").add_subparsers(
-        dest="action", required=True
-    )
-    add = sub.add_parser("add", help="register a subscription")
-    add.add_argument("name")
-    add.add_argument("--credential-ref", required=True, help="env:VARIABLE or file:/path, never the secret")
-    add.add_argument("--priority", type=int, default=0, help="lower is preferred on equal load (default 0)")
-    add.add_argument("--max-agents", type=int, default=None, help="capacity (default unlimited)")
-    add.add_argument("--disabled", action="store_true", help="register it disabled")
-    sub.add_parser("list", help="subscriptions with assigned agents and cooldown")
-    for action in ("enable", "disable"):
-        sub.add_parser(action, help=f"{action} a subscription as an alternative").add_argument("name")
+class CommaList(click.ParamType[str]):
+    """A repeatable option whose environment variable holds a comma-separated list."""
 
-    agent = commands.add_parser("agent", help="register and inspect agents").add_subparsers(
-        dest="action", required=True
-    )
-    add = agent.add_parser("add", help="register an agent")
-    add.add_argument("name")
-    add.add_argument("--subscription", default=None)
-    add.add_argument("--container", default=None, help="Docker container name")
-    agent.add_parser("list", help="agents with their subscription and generation")
-    assign = agent.add_parser("assign", help="move an agent by hand (enqueues a restart)")
-    assign.add_argument("name")
-    assign.add_argument("subscription")
+    name = "text"
+    envvar_list_splitter = ","
 
-    fail = commands.add_parser("fail", help="report a failure by hand, as a backend would")
-    fail.add_argument("agent")
-    fail.add_argument("--snapshot", required=True, help="the subscription the failed request used")
-    fail.add_argument("--kind", required=True, choices=("rate_limit", "auth"))
-    fail.add_argument("--message", default="", help="the error text")
-
-    commands.add_parser("status", help="agents, subscriptions, outbox backlog, dead messages")
-
-    settings = commands.add_parser("settings", help="cluster-wide settings").add_subparsers(
-        dest="action", required=True
-    )
-    settings.add_parser("get")
-    setter = settings.add_parser("set")
-    setter.add_argument("--auto-switch", type=_on_off, default=None, help="on or off")
-    setter.add_argument("--cooldown", type=float, default=None, help="cooldown window in seconds")
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        if not text:
+            self.fail("must not be empty", param, ctx)
+        return text
 
 
-def _outbox_parsers(commands: Any) -> None:
-    box = commands.add_parser("outbox", help="inspect and repair restart messages").add_subparsers(
-        dest="action", required=True
-    )
-    listing = box.add_parser("list", help="newest messages first")
-    listing.add_argument("--status", choices=outbox.OUTBOX_STATUSES, default=None)
-    listing.add_argument("--limit", type=int, default=50)
-    box.add_parser("show", help="one message").add_argument("id", type=int)
-    box.add_parser("retry", help="requeue a dead (or finished) message").add_argument("id", type=int)
-    purge = box.add_parser("purge", help="delete finished (done, superseded) messages")
-    purge.add_argument("--older-than", type=float, default=7.0, help="days since last change (default 7)")
-    purge.add_argument("--dead", action="store_true", help="dead messages too")
+# -- output ------------------------------------------------------------------------------------------
 
 
-def _drain_parser(commands: Any) -> None:
-    drain = commands.add_parser("drain", help="run the outbox drainer daemon until SIGTERM/SIGINT")
-    _option(drain, "--concurrency", "SWITCHER_DRAIN_CONCURRENCY", 4, "handlers running at once", type=int)
-    _option(
-        drain, "--poll-interval", "SWITCHER_DRAIN_POLL_INTERVAL", 5.0, "seconds between polls", type=float
-    )
-    _option(drain, "--lease", "SWITCHER_DRAIN_LEASE", 30.0, "seconds a claim lasts unrenewed", type=float)
-    _option(drain, "--max-attempts", "SWITCHER_DRAIN_MAX_ATTEMPTS", 10, "attempts before dead", type=int)
-    _option(drain, "--backoff-base", "SWITCHER_DRAIN_BACKOFF_BASE", 1.0, "first retry delay, s", type=float)
-    _option(drain, "--backoff-cap", "SWITCHER_DRAIN_BACKOFF_CAP", 300.0, "longest retry delay, s", type=float)
-    _option(
-        drain, "--shutdown-timeout", "SWITCHER_DRAIN_SHUTDOWN_TIMEOUT", 30.0, "seconds to finish", type=float
-    )
-    _option(
-        drain, "--worker-id", "SWITCHER_DRAIN_WORKER_ID", None, "name in leases (default host:pid:random)"
-    )
-    _option(
-        drain,
-        "--no-listen",
-        "SWITCHER_DRAIN_NO_LISTEN",
-        False,
-        "poll only (behind a transaction pooler)",
-        type=_on_off,
-        nargs="?",
-        const=True,
-    )
-    _option(
-        drain,
-        "--restart-mode",
-        "SWITCHER_RESTART_MODE",
-        "recreate",
-        "recreate (applies the credential) or restart",
-        choices=("recreate", "restart"),
-    )
-    _option(
-        drain,
-        "--credential-env",
-        "SWITCHER_CREDENTIAL_ENV",
-        "SWITCHER_CREDENTIAL",
-        "variable that carries the credential inside the agent's container",
-    )
-    _option(drain, "--metrics-port", "SWITCHER_METRICS_PORT", None, "serve /metrics and /healthz", type=int)
-
-
-# -- output -----------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """JSON-ready: dataclasses, enums, times and durations (seconds) as plain values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, datetime):
@@ -227,33 +123,49 @@ def _cell(value: Any) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, float):
         return f"{value:.1f}"
-    return str(_plain(value))
+    return str(plain(value))
 
 
 def table(rows: Sequence[Any], columns: Sequence[str]) -> str:
-    cells = [[_cell(getattr(r, c) if not isinstance(r, dict) else r.get(c)) for c in columns] for r in rows]
+    def get(row: Any, column: str) -> Any:
+        return row.get(column) if isinstance(row, dict) else getattr(row, column)
+
+    cells = [[_cell(get(r, c)) for c in columns] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
 
 
-class Output:
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
+@dataclasses.dataclass
+class App:
+    """What every command gets: how to reach the database, and how to answer."""
 
-    def show(self, value: Any, columns: Sequence[str] | None = None, title: str | None = None) -> None:
+    database_url: str | None
+    as_json: bool
+
+    @contextlib.contextmanager
+    def switcher(self) -> Iterator[Switcher]:
+        if not self.database_url:
+            raise click.UsageError("no database: pass --database-url or set SWITCHER_DATABASE_URL")
+        with Switcher.from_url(self.database_url, pool_pre_ping=True) as sw:
+            yield sw
+
+    def show(self, value: Any, columns: Sequence[str] | None = None) -> None:
         if self.as_json:
-            print(json.dumps(_plain(value), indent=2, default=str))
+            click.echo(json.dumps(plain(value), indent=2, default=str))
         elif columns is not None:
-            print(table(value if isinstance(value, list) else [value], columns))
+            click.echo(table(value if isinstance(value, list) else [value], columns))
+        elif isinstance(value, dict) or dataclasses.is_dataclass(value):
+            fields = plain(value)
+            width = max((len(k) for k in fields), default=0)
+            for key, item in fields.items():
+                click.echo(f"{key.ljust(width)}  {_cell(item)}")
         else:
-            width = max(len(k) for k in _plain(value))
-            for key, item in _plain(value).items():
-                print(f"{key.ljust(width)}  {_cell(item)}")
+            click.echo(str(value))
 
 
-# -- commands ---------------------------------------------------------------------------------------
+pass_app = click.make_pass_decorator(App)
 
 SUBSCRIPTION_COLUMNS = (
     "name",
@@ -264,164 +176,551 @@ SUBSCRIPTION_COLUMNS = (
     "assigned",
     "cooling_until",
 )
-AGENT_COLUMNS = ("name", "subscription", "generation", "container")
+AGENT_COLUMNS = ("name", "subscription", "generation", "container", "placement")
 RESULT_COLUMNS = ("outcome", "agent", "old_subscription", "new_subscription", "generation", "restart_id")
 OUTBOX_COLUMNS = ("id", "kind", "agent", "generation", "status", "attempts", "result", "last_error")
+SWITCH_COLUMNS = ("switched_at", "agent", "old_subscription", "new_subscription", "kind", "generation")
+DRAINER_COLUMNS = ("worker_id", "placement", "seen_seconds_ago")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def _run(args: argparse.Namespace, out: Output) -> int:
-    if args.command == "drain":
-        return _drain(args)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        return run_demo(args.database_url, runtime=args.runtime, sabotage=args.sabotage)
-    with Switcher.from_url(args.database_url) as sw:
-        return _registry_command(sw, args, out)
+# -- the commands ------------------------------------------------------------------------------------
 
 
-def _registry_command(sw: Switcher, args: argparse.Namespace, out: Output) -> int:  # noqa: PLR0912
-    command, action = args.command, getattr(args, "action", None)
-    if command == "migrate":
-        sw.migrate()
-        out.show({"migrated": True, "schema": "switcher"})
-    elif command == "subscription":
-        if action == "add":
-            out.show(
-                sw.add_subscription(
-                    args.name,
-                    credential_ref=args.credential_ref,
-                    priority=args.priority,
-                    max_agents=args.max_agents,
-                    enabled=not args.disabled,
-                ),
-                SUBSCRIPTION_COLUMNS,
-            )
-        elif action == "list":
-            out.show(sw.subscriptions(), SUBSCRIPTION_COLUMNS)
-        else:
-            (sw.enable_subscription if action == "enable" else sw.disable_subscription)(args.name)
-            out.show(sw.subscription(args.name), SUBSCRIPTION_COLUMNS)
-    elif command == "agent":
-        if action == "add":
-            out.show(
-                sw.add_agent(args.name, subscription=args.subscription, container=args.container),
-                AGENT_COLUMNS,
-            )
-        elif action == "list":
-            out.show(sw.agents(), AGENT_COLUMNS)
-        else:
-            out.show(sw.assign(args.name, args.subscription), RESULT_COLUMNS)
-    elif command == "fail":
-        out.show(sw.handle_failure(args.agent, args.snapshot, args.kind, args.message), RESULT_COLUMNS)
-    elif command == "status":
-        _status(sw, out)
-    elif command == "outbox":
-        _outbox(sw, args, out)
-    elif command == "settings":
-        if action == "set":
-            sw.update_settings(
-                auto_switch=args.auto_switch,
-                cooldown_window=None if args.cooldown is None else timedelta(seconds=args.cooldown),
-            )
-        out.show(sw.settings())
-    return 0
+@click.group(context_settings={"auto_envvar_prefix": "SWITCHER", "show_default": True})
+@click.option("--database-url", metavar="URL", help="PostgreSQL URL (postgresql://user:pw@host/db)")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO")
+@click.option(
+    "--log-format", type=click.Choice(("text", "json")), default="text", help="json: one object a line"
+)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables (errors too)")
+@click.version_option(version("switcher"), prog_name="switcher", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, log_level: str, log_format: str, as_json: bool) -> None:
+    """Move agents off failing subscriptions, once, across processes; deliver the new credential to their
+    containers after commit.
+
+    Every option can also be set by the environment variable its help names. Mistakes print one line and
+    exit 2; exit 1 means the database could not be reached.
+    """
+    logs.configure(log_level, "json" if log_format == "json" else "text")
+    ctx.obj = App(database_url, as_json)
 
 
-def _status(sw: Switcher, out: Output) -> None:
-    with sw.engine.connect() as conn:
-        backlog = outbox.stats(conn)
-        dead = outbox.list_messages(conn, status="dead", limit=20)
-    agents, subscriptions, settings = sw.agents(), sw.subscriptions(), sw.settings()
-    if out.as_json:
-        everything = {"agents": agents, "subscriptions": subscriptions, "outbox": backlog, "dead": dead}
-        out.show({**everything, "settings": settings})
+@cli.command()
+@pass_app
+def migrate(app: App) -> None:
+    """Create or upgrade schema switcher (run as its owner)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    with app.switcher() as sw:
+        before = sw.schema_revision()
+        after = sw.migrate()
+    if app.as_json:
+        app.show({"schema": "switcher", "revision": after, "previous": before})
+    elif before == after:
+        click.echo(f"schema switcher is up to date (revision {after})")
+    else:
+        click.echo(f"schema switcher migrated from {before or 'nothing'} to revision {after}")
+
+
+@cli.command()
+@pass_app
+def check(app: App) -> None:
+    """Schema at head, functions as shipped, drainers alive, backlog, dead messages, counters (exit 3 on a
+    failed check)."""
+    with app.switcher() as sw:
+        results = sw.check()
+    if app.as_json:
+        app.show(results)
+    else:
+        for result in results:
+            click.echo(f"[{'ok' if result.ok else 'FAIL'}] {result.name}: {result.detail}")
+    if not all(r.ok for r in results):
+        raise SystemExit(EXIT_CHECK_FAILED)
+
+
+@cli.command()
+@click.option("--watch", is_flag=True, help="redraw until Ctrl-C")
+@click.option("--interval", type=Seconds(0.1, 3600), default=2.0, help="seconds between redraws with --watch")
+@pass_app
+def status(app: App, watch: bool, interval: float) -> None:
+    """Agents, subscriptions, outbox backlog, dead messages, recent switches, drainers."""
+    with app.switcher() as sw:
+        if not watch:
+            _print_status(app, sw.status())
+            return
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                current = sw.status()
+                click.echo("\x1b[H\x1b[2J", nl=False)  # home, clear screen
+                _print_status(app, current, live=True)
+                time.sleep(interval)
+
+
+def _print_status(app: App, current: Status, live: bool = False) -> None:
+    if app.as_json:
+        app.show(current)
         return
-    print(table(agents, AGENT_COLUMNS), end="\n\n")
-    print(table(subscriptions, SUBSCRIPTION_COLUMNS), end="\n\n")
-    oldest = "-" if backlog.oldest_pending_seconds is None else f"{backlog.oldest_pending_seconds:.1f} s"
-    print(
-        f"outbox: {backlog.pending} pending, {backlog.running} running, {backlog.dead} dead; oldest {oldest}"
+    if live:
+        click.echo(f"switcher status -- {datetime.now():%H:%M:%S} (Ctrl-C to quit)\n")
+    settings = current.settings
+    click.echo(
+        f"auto-switch {'on' if settings.auto_switch else 'off'}; cooldown "
+        f"{settings.cooldown_window.total_seconds():.0f} s; retention {settings.retention.days} days; "
+        f"webhook {settings.webhook or 'none'}\n"
     )
-    window = settings.cooldown_window.total_seconds()
-    print(f"auto-switch {'on' if settings.auto_switch else 'off'}; cooldown window {window:.0f} s")
-    if dead:
-        print("\ndead messages (switcher outbox retry ID):")
-        print(table(dead, OUTBOX_COLUMNS))
+    click.echo(table(current.subscriptions, ("name", "enabled", "assigned", "max_agents", "cooling_until")))
+    box = current.outbox
+    oldest = "-" if box.oldest_pending_seconds is None else f"{box.oldest_pending_seconds:.1f} s"
+    click.echo(
+        f"\noutbox: {box.pending} pending, {box.running} running, {box.dead} dead; oldest pending {oldest}"
+    )
+    if current.recent_switches:
+        click.echo("\nrecent switches:")
+        click.echo(table(current.recent_switches, SWITCH_COLUMNS))
+    if current.drainers:
+        click.echo("\ndrainers:")
+        click.echo(table([d for d in current.drainers if d["stopped_at"] is None], DRAINER_COLUMNS))
+    if not live:
+        click.echo("\nagents:")
+        click.echo(table(current.agents, AGENT_COLUMNS))
+    if current.dead:
+        click.echo("\ndead messages (switcher outbox retry ID):")
+        click.echo(table(current.dead, OUTBOX_COLUMNS))
 
 
-def _outbox(sw: Switcher, args: argparse.Namespace, out: Output) -> None:
-    with sw.engine.connect() as conn:
-        if args.action == "list":
-            out.show(outbox.list_messages(conn, status=args.status, limit=args.limit), OUTBOX_COLUMNS)
-        elif args.action == "show":
-            out.show(outbox.get_message(conn, args.id))
-        elif args.action == "retry":
-            out.show({"id": args.id, "status": outbox.requeue(conn, args.id)})
-        else:
-            statuses = (*outbox.FINISHED_STATUSES, "dead") if args.dead else outbox.FINISHED_STATUSES
-            deleted = outbox.purge(conn, older_than=timedelta(days=args.older_than), statuses=statuses)
-            out.show({"deleted": deleted})
+@cli.command()
+@click.argument("agent")
+@click.option("--snapshot", required=True, help="the subscription the failed request used")
+@click.option("--kind", required=True, type=click.Choice(("rate_limit", "auth")))
+@click.option("--message", default="", help="the error text (stored redacted)")
+@click.option("--report-id", default=None, help="the report's id: the same id again returns the same answer")
+@pass_app
+def fail(app: App, agent: str, snapshot: str, kind: str, message: str, report_id: str | None) -> None:
+    """Report a failure by hand, as a backend would."""
+    with app.switcher() as sw:
+        app.show(sw.handle_failure(agent, snapshot, kind, message, report_id=report_id), RESULT_COLUMNS)
 
 
-def _drain(args: argparse.Namespace) -> int:
-    from .drainer import Drainer, DrainerConfig, default_worker_id
-    from .handlers import default_handlers
-    from .runtime.docker import DockerRuntime
+@cli.command()
+@click.option("--batch", type=click.IntRange(1, 100_000), default=1_000, help="rows per statement")
+@pass_app
+def prune(app: App, batch: int) -> None:
+    """Delete history past the retention period now (drainers do it in the background)."""
+    with app.switcher() as sw:
+        app.show(sw.prune(batch))
 
+
+@cli.command()
+@click.option("--yes", is_flag=True, help="really drop schema switcher and everything in it")
+@pass_app
+def uninstall(app: App, yes: bool) -> None:
+    """Drop schema switcher with every subscription, agent, message and record in it."""
+    if not yes:
+        raise click.UsageError("uninstall drops schema switcher and all it holds; pass --yes to do it")
+    with app.switcher() as sw:
+        sw.uninstall()
+    app.show({"uninstalled": "switcher"})
+
+
+# -- subscriptions and agents ------------------------------------------------------------------------
+
+
+@cli.group()
+def subscription() -> None:
+    """Register and inspect subscriptions."""
+
+
+@subscription.command("add")
+@click.argument("name")
+@click.option("--credential-ref", required=True, help="env:VARIABLE or file:/path, never the secret")
+@click.option("--priority", type=click.IntRange(-(2**31), 2**31 - 1), default=0, help="lower is preferred")
+@click.option(
+    "--max-agents", type=click.IntRange(1, 2**31 - 1), default=None, help="capacity (default: none)"
+)
+@click.option("--disabled", is_flag=True, help="register it disabled")
+@pass_app
+def subscription_add(
+    app: App, name: str, credential_ref: str, priority: int, max_agents: int | None, disabled: bool
+) -> None:
+    """Register a subscription."""
+    with app.switcher() as sw:
+        added = sw.add_subscription(
+            name,
+            credential_ref=credential_ref,
+            priority=priority,
+            max_agents=max_agents,
+            enabled=not disabled,
+        )
+    app.show(added, SUBSCRIPTION_COLUMNS)
+
+
+@subscription.command("list")
+@pass_app
+def subscription_list(app: App) -> None:
+    """Subscriptions with their load and cooldown."""
+    with app.switcher() as sw:
+        app.show(sw.subscriptions(), SUBSCRIPTION_COLUMNS)
+
+
+@subscription.command("enable")
+@click.argument("name")
+@pass_app
+def subscription_enable(app: App, name: str) -> None:
+    """Let switches choose it again."""
+    with app.switcher() as sw:
+        app.show(sw.enable_subscription(name), SUBSCRIPTION_COLUMNS)
+
+
+@subscription.command("disable")
+@click.argument("name")
+@pass_app
+def subscription_disable(app: App, name: str) -> None:
+    """Stop switches from choosing it."""
+    with app.switcher() as sw:
+        app.show(sw.disable_subscription(name), SUBSCRIPTION_COLUMNS)
+
+
+@subscription.command("set-credential")
+@click.argument("name")
+@click.argument("credential_ref")
+@pass_app
+def subscription_set_credential(app: App, name: str, credential_ref: str) -> None:
+    """Point it at another credential reference (applied at each agent's next restart)."""
+    with app.switcher() as sw:
+        app.show(sw.set_credential(name, credential_ref), SUBSCRIPTION_COLUMNS)
+
+
+@subscription.command("remove")
+@click.argument("name")
+@pass_app
+def subscription_remove(app: App, name: str) -> None:
+    """Remove it (refused while agents use it)."""
+    with app.switcher() as sw:
+        sw.remove_subscription(name)
+    app.show({"removed": name})
+
+
+@cli.group()
+def agent() -> None:
+    """Register and inspect agents."""
+
+
+@agent.command("add")
+@click.argument("name")
+@click.option("--subscription", default=None)
+@click.option("--container", default=None, help="Docker container name")
+@click.option("--placement", default=None, help="the Docker host whose drainers restart it")
+@pass_app
+def agent_add(
+    app: App, name: str, subscription: str | None, container: str | None, placement: str | None
+) -> None:
+    """Register an agent."""
+    with app.switcher() as sw:
+        added = sw.add_agent(name, subscription=subscription, container=container, placement=placement)
+    app.show(added, AGENT_COLUMNS)
+
+
+@agent.command("list")
+@pass_app
+def agent_list(app: App) -> None:
+    """Agents with their subscription and generation."""
+    with app.switcher() as sw:
+        app.show(sw.agents(), AGENT_COLUMNS)
+
+
+@agent.command("assign")
+@click.argument("name")
+@click.argument("subscription")
+@pass_app
+def agent_assign(app: App, name: str, subscription: str) -> None:
+    """Move an agent by hand (enqueues its restart)."""
+    with app.switcher() as sw:
+        app.show(sw.assign(name, subscription), RESULT_COLUMNS)
+
+
+@agent.command("remove")
+@click.argument("name")
+@pass_app
+def agent_remove(app: App, name: str) -> None:
+    """Remove an agent and its records (its container is left alone)."""
+    with app.switcher() as sw:
+        sw.remove_agent(name)
+    app.show({"removed": name})
+
+
+# -- settings and the outbox -------------------------------------------------------------------------
+
+
+@cli.group()
+def settings() -> None:
+    """Cluster-wide settings."""
+
+
+@settings.command("get")
+@pass_app
+def settings_get(app: App) -> None:
+    """Show them."""
+    with app.switcher() as sw:
+        app.show(sw.settings())
+
+
+@settings.command("set")
+@click.option("--auto-switch", type=OnOff(), default=None)
+@click.option("--cooldown", type=Seconds(), default=None, help="cooldown window, seconds")
+@click.option(
+    "--webhook", default=None, help="env:NAME (or file:/path) of the URL told of every switch; '' removes"
+)
+@click.option("--retention", type=Seconds(3600, 3660 * 86400), default=None, help="history kept, seconds")
+@pass_app
+def settings_set(
+    app: App, auto_switch: bool | None, cooldown: float | None, webhook: str | None, retention: float | None
+) -> None:
+    """Change what is given, leave the rest."""
+    with app.switcher() as sw:
+        app.show(
+            sw.update_settings(
+                auto_switch=auto_switch,
+                cooldown_window=cooldown,
+                webhook=webhook,
+                retention=retention,
+            )
+        )
+
+
+@cli.group()
+def outbox() -> None:
+    """Inspect and repair outbox messages (restarts, notifications)."""
+
+
+@outbox.command("list")
+@click.option(
+    "--status",
+    type=click.Choice(("pending", "running", "done", "dead", "superseded", "cancelled")),
+    default=None,
+)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50)
+@pass_app
+def outbox_list(app: App, status: str | None, limit: int) -> None:
+    """Newest messages first."""
+    with app.switcher() as sw:
+        app.show(sw.messages(status=status, limit=limit), OUTBOX_COLUMNS)
+
+
+@outbox.command("show")
+@click.argument("message_id", type=click.IntRange(1))
+@pass_app
+def outbox_show(app: App, message_id: int) -> None:
+    """One message."""
+    with app.switcher() as sw:
+        app.show(sw.message(message_id))
+
+
+@outbox.command("retry")
+@click.argument("message_ids", nargs=-1, type=click.IntRange(1))
+@click.option("--all-dead", is_flag=True, help="every dead message")
+@pass_app
+def outbox_retry(app: App, message_ids: tuple[int, ...], all_dead: bool) -> None:
+    """Give dead (or finished) messages a full set of attempts again."""
+    if not message_ids and not all_dead:
+        raise click.UsageError("name the messages to retry, or pass --all-dead")
+    with app.switcher() as sw:
+        statuses = sw.retry(list(message_ids), all_dead=all_dead)
+    app.show([{"id": i, "status": s} for i, s in sorted(statuses.items())], ("id", "status"))
+
+
+@outbox.command("cancel")
+@click.argument("message_ids", nargs=-1, required=True, type=click.IntRange(1))
+@pass_app
+def outbox_cancel(app: App, message_ids: tuple[int, ...]) -> None:
+    """Withdraw pending messages."""
+    with app.switcher() as sw:
+        cancelled = sw.cancel(list(message_ids))
+    app.show([{"id": i, "status": "cancelled"} for i in cancelled], ("id", "status"))
+
+
+@outbox.command("purge")
+@click.option("--older-than", type=Days(), default=7.0, help="days since the last change")
+@click.option("--dead", is_flag=True, help="dead messages too")
+@pass_app
+def outbox_purge(app: App, older_than: float, dead: bool) -> None:
+    """Delete finished messages (done, superseded, cancelled)."""
+    with app.switcher() as sw:
+        app.show({"deleted": sw.purge(timedelta(days=older_than), dead=dead)})
+
+
+# -- daemons and the demo ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--placement", default=None, help="only agents placed here (default: agents placed nowhere)")
+@click.option(
+    "--restart-mode",
+    type=click.Choice(("auto", "reload", "recreate", "restart")),
+    default="auto",
+    help="auto: hot reload where the container has a hook, else drain-aware recreate",
+)
+@click.option("--drain-timeout", type=Seconds(0, 86400), default=300.0, help="wait this long for executions")
+@click.option("--stop-timeout", type=Seconds(0, 3600), default=10.0, help="docker stop's grace period")
+@click.option(
+    "--credential-env-prefix",
+    "env_prefixes",
+    type=CommaList(),
+    multiple=True,
+    default=("SWITCHER_CRED_",),
+    envvar="SWITCHER_CREDENTIAL_ENV_PREFIX",
+    help="env: references may name only variables starting so",
+)
+@click.option(
+    "--credential-dir",
+    "directories",
+    type=CommaList(),
+    multiple=True,
+    default=("/run/secrets",),
+    envvar="SWITCHER_CREDENTIAL_DIR",
+    help="file: references may name only files under these",
+)
+@click.option(
+    "--credential-env", default="SWITCHER_CREDENTIAL", help="variable carrying it in a recreated container"
+)
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=4, help="handlers running at once")
+@click.option("--poll-interval", type=Seconds(0, 86400, above=True), default=5.0, help="polling fallback")
+@click.option("--lease", type=Seconds(1, 86400), default=30.0, help="seconds a claim lasts unrenewed")
+@click.option("--max-attempts", type=click.IntRange(1, 1_000_000), default=10)
+@click.option("--backoff-base", type=Seconds(0, 3600), default=1.0, help="first retry delay")
+@click.option("--backoff-cap", type=Seconds(0, 86400), default=300.0, help="longest retry delay")
+@click.option("--shutdown-timeout", type=Seconds(0, 86400), default=30.0, help="seconds to finish on SIGTERM")
+@click.option("--worker-id", default=None, help="name in leases (default host:pid:random)")
+@click.option("--no-listen", is_flag=True, help="poll only (behind a transaction-pooling proxy)")
+@click.option(
+    "--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve /metrics and /healthz"
+)
+@click.option("--metrics-host", default="127.0.0.1", help="address to serve them on")
+@pass_app
+def drain(app: App, /, **options: Any) -> None:
+    """Run the outbox drainer until SIGTERM/SIGINT: restarts agents and sends switch notifications."""
+    from .drainer import Backoff, Drainer, DrainerConfig, check_lease, default_worker_id
+
+    if not app.database_url:
+        raise click.UsageError("no database: pass --database-url or set SWITCHER_DATABASE_URL")
+    o = options
+    if o["backoff_base"] > o["backoff_cap"]:
+        raise click.BadParameter("must not exceed --backoff-cap", param_hint="--backoff-base")
     config = DrainerConfig(
-        worker_id=args.worker_id or default_worker_id(),
-        concurrency=args.concurrency,
-        poll_interval=timedelta(seconds=args.poll_interval),
-        lease=timedelta(seconds=args.lease),
-        max_attempts=args.max_attempts,
-        backoff=outbox.Backoff(timedelta(seconds=args.backoff_base), timedelta(seconds=args.backoff_cap)),
-        shutdown_timeout=timedelta(seconds=args.shutdown_timeout),
-        listen=not args.no_listen,
+        worker_id=o["worker_id"] or default_worker_id(),
+        placement=o["placement"],
+        concurrency=o["concurrency"],
+        poll_interval=timedelta(seconds=o["poll_interval"]),
+        lease=timedelta(seconds=o["lease"]),
+        max_attempts=o["max_attempts"],
+        backoff=Backoff(timedelta(seconds=o["backoff_base"]), timedelta(seconds=o["backoff_cap"])),
+        shutdown_timeout=timedelta(seconds=o["shutdown_timeout"]),
+        listen=not o["no_listen"],
     )
-    engine = create_engine(
-        database_url(args.database_url), pool_size=args.concurrency + 2, pool_pre_ping=True
+    check_lease(config, timedelta(seconds=o["stop_timeout"]))
+    docker_config = _needs("docker", "the Docker runtime", lambda: _docker_config(o))
+    from .credentials import CredentialPolicy
+
+    drainer = Drainer.from_url(
+        app.database_url,
+        config=config,
+        docker=docker_config,
+        credentials=CredentialPolicy(o["env_prefixes"], o["directories"]),
+        drain_timeout=timedelta(seconds=o["drain_timeout"]),
     )
-    runtime = DockerRuntime(mode=args.restart_mode, credential_env=args.credential_env)
-    drainer = Drainer(engine, default_handlers(engine, runtime), config)
     drainer.install_signal_handlers()
     server = None
-    if args.metrics_port is not None:
-        from .metrics import serve
-
-        server = serve(drainer, args.metrics_port)
-        log.info("serving /metrics and /healthz", extra={"port": server.server_port})
+    if o["metrics_port"] is not None:
+        exporter = _needs("metrics", "--metrics-port", lambda: importlib.import_module("switcher.exporter"))
+        server = exporter.MetricsServer(drainer, o["metrics_port"], o["metrics_host"])
+        log.info("serving /metrics and /healthz", extra={"port": server.port, "host": o["metrics_host"]})
     clean = drainer.run()
     if server is not None:
-        server.shutdown()
-    engine.dispose()
+        server.close()
+    drainer.close()
     if not clean:
-        # Handler threads are still running; do not wait for them at interpreter exit.
         logging.shutdown()
-        os._exit(3)
-    return 0
+        os._exit(3)  # handler threads are still running; do not wait for them at exit
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+def _docker_config(o: dict[str, Any]) -> Any:
+    from .runtime.docker import DockerConfig
+
+    return DockerConfig(
+        mode=o["restart_mode"],
+        stop_timeout=timedelta(seconds=o["stop_timeout"]),
+        credential_env=o["credential_env"],
+    )
+
+
+def _needs(extra: str, what: str, load: Callable[[], T]) -> T:
+    try:
+        return load()
+    except ImportError as error:
+        raise SwitcherError(
+            f"{what} needs `pip install 'switcher[{extra}]'` ({error.name} is missing)"
+        ) from None
+
+
+@cli.command()
+@click.option(
+    "--runtime",
+    type=click.Choice(("auto", "docker", "simulated")),
+    default="auto",
+    help="docker: real containers; simulated: restarts recorded, not performed; auto: docker if it answers",
+)
+@pass_app
+def demo(app: App, runtime: str) -> None:
+    """Play the whole job with real processes on a throwaway database, then check every guarantee."""
+    from .demo import run_demo
+
+    code = run_demo(app.database_url, runtime=runtime)
+    if code:
+        raise SystemExit(code)
+
+
+# -- the entry point ---------------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    flag = os.environ.get("SWITCHER_JSON", "").lower() in ("1", "true", "yes", "on")
+    return flag or "--json" in argv
+
+
+def _error(message: str, code: int, as_json: bool) -> int:
+    text = _one_line(message)
+    if as_json:
+        click.echo(json.dumps({"error": text, "exit_code": code}), err=True)
+    else:
+        click.echo(f"switcher: {text}", err=True)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
-    if args.command != "demo" and not args.database_url:
-        print("switcher: no database: pass --database-url or set SWITCHER_DATABASE_URL", file=sys.stderr)
-        return 2
+    args = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # a name with an undecodable byte must still print
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    as_json = _wants_json(args)
     try:
-        return _run(args, Output(args.json))
-    except SwitcherError as error:
-        print(f"switcher: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except DBAPIError as error:
-        print(f"switcher: database error: {_one_line(error.orig or error)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        cli.main(args, prog_name="switcher", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return int(done.exit_code)
+    except SystemExit as done:
+        return int(done.code or 0)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         return 130
+    except click.ClickException as error:
+        return _error(error.format_message(), EXIT_USAGE, as_json)
+    except SwitcherError as error:
+        return _error(str(error), EXIT_USAGE, as_json)
+    except DBAPIError as error:
+        return _error(f"database error: {error.orig or error}", EXIT_DATABASE, as_json)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,119 +1,69 @@
-"""Prometheus metrics and a health check for ``switcher drain --metrics-port``.
+"""The metrics switcher keeps, on prometheus_client (``switcher[metrics]``).
 
-``/metrics``: the drainer's counters and handler-latency histogram, plus what the database says at
-scrape time (outbox backlog, oldest pending age, dead messages, switches and failures recorded).
-``/healthz``: 200 when the database answers, 503 when it does not.
+They live in prometheus_client's default registry, next to its process metrics, so a host application
+that already exports Prometheus metrics exports these too; ``switcher drain --metrics-port`` serves them
+(``exporter``). Without prometheus_client installed they are no-ops and everything else works the same.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import DBAPIError
+try:
+    from prometheus_client import Counter, Gauge, Histogram
+except ImportError:  # pragma: no cover - exercised by the clean-venv CI step
 
-from . import outbox
-from .drainer import HANDLER_SECONDS_BUCKETS, Drainer
+    class _NoOp:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
 
-_COUNTS = text(
-    """
-    SELECT (SELECT count(*) FROM switcher.switches) AS switches,
-           (SELECT count(*) FROM switcher.failures WHERE kind = 'rate_limit') AS rate_limit,
-           (SELECT count(*) FROM switcher.failures WHERE kind = 'auth') AS auth
-    """
+        def labels(self, *args: Any, **kwargs: Any) -> _NoOp:
+            return self
+
+        def inc(self, amount: float = 1) -> None:
+            pass
+
+        def observe(self, amount: float) -> None:
+            pass
+
+        def set(self, value: float) -> None:
+            pass
+
+        def set_to_current_time(self) -> None:
+            pass
+
+    Counter = Gauge = Histogram = _NoOp  # type: ignore[misc, assignment]
+
+CLAIMED = Counter("switcher_drainer_claimed", "Outbox messages claimed", ["kind"])
+FINISHED = Counter(
+    "switcher_drainer_finished",
+    "Outbox messages a drainer finished handling, by the status it recorded "
+    "(done, retry, dead, superseded, released, lost_lease)",
+    ["kind", "status"],
 )
-
-
-class SwitcherCollector(Collector):
-    def __init__(self, drainer: Drainer) -> None:
-        self.drainer = drainer
-
-    def collect(self) -> Iterator[Metric]:
-        m = self.drainer.metrics.snapshot()
-        for name, help_text in (
-            ("claimed", "messages claimed"),
-            ("done", "messages completed"),
-            ("retried", "failed attempts scheduled for retry"),
-            ("dead", "messages moved to dead"),
-            ("superseded", "messages made redundant by a newer one"),
-            ("lost_leases", "completions that found their lease taken over"),
-        ):
-            yield CounterMetricFamily(
-                f"switcher_drainer_{name}", f"Drainer: {help_text}", value=getattr(m, name)
-            )
-        buckets = [
-            (str(bound), float(count))
-            for bound, count in zip(HANDLER_SECONDS_BUCKETS, m.handler_seconds_buckets, strict=True)
-        ]
-        buckets.append(("+Inf", float(m.handler_seconds_count)))
-        yield HistogramMetricFamily(
-            "switcher_drainer_handler_seconds",
-            "Handler run time",
-            buckets=buckets,
-            sum_value=m.handler_seconds_sum,
-        )
-        yield from self._database()
-
-    def _database(self) -> Iterable[Metric]:
-        try:
-            with self.drainer.engine.connect() as conn:
-                stats = outbox.stats(conn)
-                counts = conn.execute(_COUNTS).one()
-        except DBAPIError:
-            yield GaugeMetricFamily("switcher_database_up", "Database answered this scrape", value=0)
-            return
-        yield GaugeMetricFamily("switcher_database_up", "Database answered this scrape", value=1)
-        backlog = GaugeMetricFamily(
-            "switcher_outbox_messages", "Outbox messages by status", labels=["status"]
-        )
-        for status in ("pending", "running", "dead"):
-            backlog.add_metric([status], getattr(stats, status))
-        yield backlog
-        yield GaugeMetricFamily(
-            "switcher_outbox_oldest_pending_seconds",
-            "Age of the oldest pending message (0 when none)",
-            value=stats.oldest_pending_seconds or 0.0,
-        )
-        yield CounterMetricFamily("switcher_switches", "Switches recorded", value=counts.switches)
-        failures = CounterMetricFamily("switcher_failures", "Failures recorded", labels=["kind"])
-        failures.add_metric(["rate_limit"], counts.rate_limit)
-        failures.add_metric(["auth"], counts.auth)
-        yield failures
-
-
-def healthy(engine: Engine) -> bool:
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return True
-    except DBAPIError:
-        return False
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
-        pass
-
-
-def serve(drainer: Drainer, port: int, host: str = "0.0.0.0") -> WSGIServer:
-    """Serve /metrics and /healthz from a daemon thread; returns the server (``shutdown()`` stops it)."""
-    registry = CollectorRegistry()
-    registry.register(SwitcherCollector(drainer))
-    metrics_app = make_wsgi_app(registry)
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/healthz":
-            ok = healthy(drainer.engine)
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"database unreachable\n"]
-        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-
-    server = make_server(host, port, app, handler_class=_QuietHandler)
-    threading.Thread(target=server.serve_forever, name="switcher-metrics", daemon=True).start()
-    return server
+HANDLER_SECONDS = Histogram("switcher_drainer_handler_seconds", "Handler run time", ["kind"])
+LAST_TICK = Gauge(
+    "switcher_drainer_last_tick_timestamp_seconds", "When the drain loop last went round (Unix time)"
+)
+DELIVERIES = Counter(
+    "switcher_deliveries",
+    "Assignments delivered to agents' containers, by mode (reload, recreate, restart) and result",
+    ["mode", "result"],
+)
+RELOAD_FAILURES = Counter(
+    "switcher_reload_failures", "Hot reloads that failed (auto mode then recreates)", ["hook"]
+)
+DRAIN_WAIT_SECONDS = Histogram(
+    "switcher_drain_wait_seconds",
+    "How long a restart waited for the agent's executions to end, by outcome (drained, timed_out)",
+    ["outcome"],
+    buckets=(0.01, 0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800),
+)
+GATE_WAIT_SECONDS = Histogram(
+    "switcher_gate_wait_seconds",
+    "How long execution() took to register (it waits while the agent restarts), by outcome "
+    "(entered, restarting)",
+    ["outcome"],
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60),
+)
+NOTIFICATIONS = Counter("switcher_notifications", "Switch notifications POSTed, by result", ["result"])

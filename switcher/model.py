@@ -18,7 +18,7 @@ class Outcome(enum.StrEnum):
     SWITCHED = "switched"
     """The agent now uses another subscription; a restart message was enqueued."""
     STALE = "stale"
-    """The report is about a subscription the agent no longer uses (someone else switched it)."""
+    """The report is about a subscription (or generation) the agent has already left."""
     NO_ALTERNATIVE = "no_alternative"
     """The failure was recorded; no other subscription is enabled, cool, and under its limit."""
     DISABLED = "disabled"
@@ -31,11 +31,12 @@ class Outcome(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class SwitchResult:
-    """What ``handle_failure`` did.
+    """What a report (or an assignment) did.
 
-    ``old_subscription`` is the agent's subscription when the call decided, ``new_subscription`` the
-    one after it (equal unless ``SWITCHED``); ``generation`` is the agent's generation after the call;
-    ``restart_id`` is the outbox message carrying the restart (``SWITCHED`` only).
+    ``old_subscription`` is the agent's subscription when the call decided, ``new_subscription`` the one
+    after it (equal unless ``SWITCHED``); ``generation`` is the agent's generation after the call;
+    ``restart_id`` is the outbox message carrying the restart (``SWITCHED`` only). ``report_id`` identifies
+    the report: a retry with the same id returns this same answer (then ``replayed`` is true).
     """
 
     outcome: Outcome
@@ -44,6 +45,8 @@ class SwitchResult:
     new_subscription: str | None
     generation: int
     restart_id: int | None = None
+    report_id: str | None = None
+    replayed: bool = False
 
     @property
     def switched(self) -> bool:
@@ -68,12 +71,17 @@ class Agent:
     subscription: str | None
     container: str | None
     generation: int
+    placement: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     auto_switch: bool
     cooldown_window: timedelta
+    webhook: str | None = None
+    """Credential reference of the URL that hears about every switch (``env:NAME``), or None."""
+    retention: timedelta = timedelta(days=30)
+    """How long failures, switches and finished messages are kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,7 @@ class AgentTarget:
 
     agent: str
     container: str | None
+    placement: str | None
     generation: int
     subscription: str | None
     credential_ref: str | None

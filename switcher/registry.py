@@ -1,182 +1,168 @@
-"""Registering subscriptions and agents, and the cluster-wide settings. One door to those rows."""
+"""The one door to subscriptions, agents, settings, the switch and executions.
+
+Every statement it runs is a named query from ``sql/registry.sql``, ``sql/switch.sql`` or
+``sql/executions.sql``. It takes values that ``operations`` has validated, runs on the connection it is
+given (in whatever transaction that connection is in) and returns plain values.
+"""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Row
+from sqlalchemy.exc import IntegrityError
 
-from . import validate
-from .errors import AlreadyExists, CapacityExceeded, InvalidInput, UnknownAgent, UnknownSubscription
+from . import sql
+from .errors import InUse
 from .model import Agent, AgentTarget, Settings, Subscription
+from .selection import Candidate
 
-_CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+_REGISTRY = sql.load("registry").queries
+_SWITCH = sql.load("switch").queries
+_EXECUTIONS = sql.load("executions").queries
 
-_RESERVE = text("SELECT switcher.reserve(:id, NULL, true)")
-
-_SUBSCRIPTIONS = """
-    SELECT s.name, s.credential_ref, s.priority, s.max_agents, s.enabled,
-           (SELECT count(*) FROM switcher.agents a WHERE a.subscription_id = s.id) AS assigned,
-           NULLIF(GREATEST(
-               (SELECT max(f.occurred_at) FROM switcher.failures f WHERE f.subscription_id = s.id)
-                   + (SELECT st.cooldown_window FROM switcher.settings st WHERE st.id = 1),
-               now()), now()) AS cooling_until
-    FROM switcher.subscriptions s
-"""
-_AGENTS = """
-    SELECT a.name, s.name AS subscription, a.container, a.generation
-    FROM switcher.agents a LEFT JOIN switcher.subscriptions s ON s.id = a.subscription_id
-"""
+GATE_LOCK_CLASS = 0x53574754
+"""First key of the advisory lock that is an agent's restart gate (the second is the agent's id):
+ASCII 'SWGT', chosen so as not to meet a host application's own advisory locks."""
 
 
-def add_subscription(
-    conn: Connection,
-    name: object,
-    *,
-    credential_ref: object,
-    priority: object = 0,
-    max_agents: object = None,
-    enabled: object = True,
-) -> Subscription:
-    row = {
-        "name": validate.name(name, "subscription"),
-        "credential_ref": validate.credential_ref(credential_ref),
-        "priority": validate.integer(priority, "priority"),
-        "max_agents": None if max_agents is None else validate.integer(max_agents, "max_agents", minimum=1),
-        "enabled": validate.boolean(enabled, "enabled"),
-    }
-    inserted = conn.execute(
-        text(
-            """
-            INSERT INTO switcher.subscriptions (name, credential_ref, priority, max_agents, enabled)
-            VALUES (:name, :credential_ref, :priority, :max_agents, :enabled)
-            ON CONFLICT (name) DO NOTHING
-            RETURNING id
-            """
-        ),
-        row,
-    ).one_or_none()
-    if inserted is None:
-        raise AlreadyExists(f"subscription {row['name']!r} already exists; choose another name")
-    return subscription(conn, row["name"])
+class Registry:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
 
+    def _one(self, query: str, queries: Mapping[str, Any] = _REGISTRY, **params: Any) -> Row[Any] | None:
+        return self.conn.execute(queries[query], params).one_or_none()
 
-def add_agent(
-    conn: Connection, name: object, *, subscription: object = None, container: object = None
-) -> Agent:
-    agent_name = validate.name(name, "agent")
-    sub_name = validate.optional_name(subscription, "subscription")
-    if container is not None and not (
-        isinstance(container, str)
-        and _CONTAINER_NAME.fullmatch(container)
-        and len(container) <= validate.MAX_NAME_LENGTH
-    ):
-        raise InvalidInput(
-            f"container must be a Docker container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*), got {container!r}"
+    # -- the switch ------------------------------------------------------------------------------------
+
+    def handle_failure(self, **params: Any) -> Row[Any]:
+        return self.conn.execute(_SWITCH["handle_failure"], params).one()
+
+    def assign(self, **params: Any) -> Row[Any]:
+        return self.conn.execute(_SWITCH["assign"], params).one()
+
+    def candidates(self, agent: str, snapshot: str | None) -> list[Candidate]:
+        rows = self.conn.execute(_SWITCH["candidates"], {"agent": agent, "snapshot": snapshot})
+        return [Candidate(r.id, r.name, r.priority, r.max_agents, r.load) for r in rows]
+
+    # -- subscriptions ---------------------------------------------------------------------------------
+
+    def add_subscription(self, **row: Any) -> bool:
+        """False when the name is taken."""
+        return self._one("add_subscription", **row) is not None
+
+    def subscriptions(self, name: str | None = None) -> list[Subscription]:
+        rows = self.conn.execute(_REGISTRY["subscriptions"], {"name": name})
+        return [Subscription(**r._mapping) for r in rows]
+
+    def set_subscription(
+        self, name: str, *, enabled: bool | None = None, credential_ref: str | None = None
+    ) -> bool:
+        """False when there is no such subscription."""
+        found = self._one("set_subscription", name=name, enabled=enabled, credential_ref=credential_ref)
+        return found is not None
+
+    def remove_subscription(self, name: str) -> bool:
+        try:
+            return self._one("remove_subscription", name=name) is not None
+        except IntegrityError as error:
+            if sql.violated_constraint(error) == "agents_subscription_id_fkey":
+                raise InUse(f"subscription {name!r} still has agents; assign them elsewhere first") from None
+            raise
+
+    # -- agents ----------------------------------------------------------------------------------------
+
+    def reserve_for_agent(self, subscription: str, lock_timeout: str) -> Row[Any] | None:
+        """Lock a capacity-limited subscription as a switch onto it would; (id, max_agents, has_room)."""
+        self.conn.execute(_REGISTRY["set_lock_timeout"], {"lock_timeout": lock_timeout})
+        return self._one("reserve_for_agent", name=subscription)
+
+    def add_agent(self, **row: Any) -> bool:
+        """False when the name is taken."""
+        return self._one("add_agent", **row) is not None
+
+    def agents(self, name: str | None = None) -> list[Agent]:
+        return [Agent(**r._mapping) for r in self.conn.execute(_REGISTRY["agents"], {"name": name})]
+
+    def remove_agent(self, name: str) -> bool:
+        return self._one("remove_agent", name=name) is not None
+
+    def agent_target(self, agent_id: int) -> AgentTarget | None:
+        row = self._one("agent_target", agent_id=agent_id)
+        return None if row is None else AgentTarget(**row._mapping)
+
+    # -- settings and history --------------------------------------------------------------------------
+
+    def settings(self) -> Settings:
+        row = self._one("settings")
+        assert row is not None, "the migration inserts the settings row"
+        return Settings(**row._mapping)
+
+    def update_settings(
+        self,
+        *,
+        auto_switch: bool | None = None,
+        cooldown_window: timedelta | None = None,
+        webhook: str | None = None,
+        retention: timedelta | None = None,
+    ) -> Settings:
+        row = self._one(
+            "update_settings",
+            auto_switch=auto_switch,
+            cooldown_window=cooldown_window,
+            webhook=webhook,
+            retention=retention,
         )
-    sub_id = None
-    if sub_name is not None:
-        sub = conn.execute(
-            text("SELECT id, max_agents FROM switcher.subscriptions WHERE name = :name"), {"name": sub_name}
-        ).one_or_none()
-        if sub is None:
-            raise UnknownSubscription(sub_name)
-        # Same lock as a switch onto this subscription, so capacity holds against both.
-        if sub.max_agents is not None and conn.execute(_RESERVE, {"id": sub.id}).scalar_one() != "reserved":
-            raise CapacityExceeded(
-                f"subscription {sub_name!r} already has its {sub.max_agents} agents; "
-                "raise max_agents or choose another subscription"
-            )
-        sub_id = sub.id
-    inserted = conn.execute(
-        text(
-            """
-            INSERT INTO switcher.agents (name, subscription_id, container)
-            VALUES (:name, :subscription_id, :container)
-            ON CONFLICT (name) DO NOTHING
-            RETURNING id
-            """
-        ),
-        {"name": agent_name, "subscription_id": sub_id, "container": container},
-    ).one_or_none()
-    if inserted is None:
-        raise AlreadyExists(f"agent {agent_name!r} already exists; choose another name")
-    return Agent(agent_name, sub_name, container, 0)
+        assert row is not None
+        return Settings(**row._mapping)
 
+    def recent_switches(self, limit: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(_REGISTRY["recent_switches"], {"limit": limit})
+        return [dict(r._mapping) for r in rows]
 
-def subscription(conn: Connection, name: object) -> Subscription:
-    sub_name = validate.name(name, "subscription")
-    row = conn.execute(text(_SUBSCRIPTIONS + " WHERE s.name = :name"), {"name": sub_name}).one_or_none()
-    if row is None:
-        raise UnknownSubscription(sub_name)
-    return Subscription(**row._mapping)
+    def prune(self, batch: int) -> dict[str, int]:
+        """Delete one batch of each kind of history past retention; how many of each."""
+        row = self._one("prune", batch=batch)
+        assert row is not None
+        return dict(row._mapping)
 
+    def load_drift(self) -> list[Row[Any]]:
+        return list(self.conn.execute(_REGISTRY["load_drift"]))
 
-def subscriptions(conn: Connection) -> list[Subscription]:
-    return [Subscription(**r._mapping) for r in conn.execute(text(_SUBSCRIPTIONS + " ORDER BY s.id"))]
+    # -- executions and the restart gate ---------------------------------------------------------------
 
+    def enter_execution(
+        self, agent: str, *, holder: str, ttl: timedelta, gate_timeout: str
+    ) -> Row[Any] | None:
+        """Register an execution once the agent's gate is open; None for an unknown agent. Raises
+        ``lock_not_available`` when the gate stays closed for ``gate_timeout``."""
+        return self._one(
+            "enter",
+            _EXECUTIONS,
+            agent=agent,
+            holder=holder,
+            ttl=ttl,
+            gate_timeout=gate_timeout,
+            gate_class=GATE_LOCK_CLASS,
+        )
 
-def agent(conn: Connection, name: object) -> Agent:
-    agent_name = validate.name(name, "agent")
-    row = conn.execute(text(_AGENTS + " WHERE a.name = :name"), {"name": agent_name}).one_or_none()
-    if row is None:
-        raise UnknownAgent(agent_name)
-    return Agent(**row._mapping)
+    def renew_execution(self, execution_id: int, ttl: timedelta) -> bool:
+        return self._one("renew", _EXECUTIONS, id=execution_id, ttl=ttl) is not None
 
+    def leave_execution(self, execution_id: int) -> None:
+        self.conn.execute(_EXECUTIONS["leave"], {"id": execution_id})
 
-def agents(conn: Connection) -> list[Agent]:
-    return [Agent(**r._mapping) for r in conn.execute(text(_AGENTS + " ORDER BY a.id"))]
+    def close_gate(self, agent_id: int) -> None:
+        """Hold the agent's gate on this connection (session-level) until ``open_gate``."""
+        self.conn.execute(_EXECUTIONS["close_gate"], {"gate_class": GATE_LOCK_CLASS, "agent_id": agent_id})
 
+    def open_gate(self, agent_id: int) -> None:
+        self.conn.execute(_EXECUTIONS["open_gate"], {"gate_class": GATE_LOCK_CLASS, "agent_id": agent_id})
 
-def set_subscription_enabled(conn: Connection, name: object, enabled: object) -> None:
-    sub_name = validate.name(name, "subscription")
-    updated = conn.execute(
-        text("UPDATE switcher.subscriptions SET enabled = :enabled, updated_at = now() WHERE name = :name"),
-        {"name": sub_name, "enabled": validate.boolean(enabled, "enabled")},
-    )
-    if updated.rowcount == 0:
-        raise UnknownSubscription(sub_name)
+    def live_executions(self, agent_id: int) -> int:
+        return int(self.conn.execute(_EXECUTIONS["live_executions"], {"agent_id": agent_id}).scalar_one())
 
-
-def settings(conn: Connection) -> Settings:
-    row = conn.execute(text("SELECT auto_switch, cooldown_window FROM switcher.settings WHERE id = 1")).one()
-    return Settings(row.auto_switch, row.cooldown_window)
-
-
-def update_settings(
-    conn: Connection, *, auto_switch: object = None, cooldown_window: object = None
-) -> Settings:
-    values = {
-        "auto_switch": None if auto_switch is None else validate.boolean(auto_switch, "auto_switch"),
-        "cooldown_window": (
-            None if cooldown_window is None else validate.duration(cooldown_window, "cooldown_window")
-        ),
-    }
-    row = conn.execute(
-        text(
-            """
-            UPDATE switcher.settings
-            SET auto_switch = COALESCE(:auto_switch, auto_switch),
-                cooldown_window = COALESCE(CAST(:cooldown_window AS interval), cooldown_window),
-                updated_at = now()
-            WHERE id = 1
-            RETURNING auto_switch, cooldown_window
-            """
-        ),
-        values,
-    ).one()
-    return Settings(row.auto_switch, row.cooldown_window)
-
-
-def agent_target(conn: Connection, agent_id: int) -> AgentTarget | None:
-    row = conn.execute(
-        text(
-            """
-            SELECT a.name AS agent, a.container, a.generation, s.name AS subscription, s.credential_ref
-            FROM switcher.agents a LEFT JOIN switcher.subscriptions s ON s.id = a.subscription_id
-            WHERE a.id = :id
-            """
-        ),
-        {"id": agent_id},
-    ).one_or_none()
-    return None if row is None else AgentTarget(**row._mapping)
+    def forget_expired_executions(self) -> int:
+        return self.conn.execute(_EXECUTIONS["forget_expired"]).rowcount

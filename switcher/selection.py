@@ -36,10 +36,11 @@ class SelectionPolicy(Protocol):
 
 
 class BuiltinPolicy:
-    """A policy the database applies itself (``ORDER BY`` in ``switcher.handle_failure``), saving the
+    """A policy the database applies itself (``ORDER BY`` in ``switcher.handle_failure_v2``), saving the
     round trip a Python policy needs to read the candidates. ``rank`` states the same order in Python."""
 
-    sql_order: ClassVar[str]
+    priority_first: ClassVar[bool]
+    """Order by ``priority`` before load (else load before ``priority``)."""
 
     def rank(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
         raise NotImplementedError
@@ -51,7 +52,7 @@ class LeastLoaded(BuiltinPolicy):
     Spreading a herd over the alternatives keeps one of them from becoming the next to hit its limit.
     """
 
-    sql_order = "least_loaded"
+    priority_first = False
 
     def rank(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
         return sorted(candidates, key=lambda c: (c.assigned, c.priority, c.id))
@@ -63,7 +64,7 @@ class ByPriority(BuiltinPolicy):
     Fills preferred accounts first.
     """
 
-    sql_order = "by_priority"
+    priority_first = True
 
     def rank(self, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
         return sorted(candidates, key=lambda c: (c.priority, c.assigned, c.id))

@@ -1,38 +1,15 @@
-"""The critical section: move an agent off a failing subscription, once, in one transaction.
+"""The switch, from the caller's side: one call of ``switcher.handle_failure_v2`` per report.
 
-The work happens in the database function ``switcher.handle_failure`` (created by the migration in
-``db/versions``): one round trip per report, no row lock held across a network hop, the same code for
-every client. This module calls it, once, for both front doors (``AsyncSwitcher`` goes through
-``AsyncConnection.run_sync``), and turns its answer into a ``SwitchResult`` or a typed error.
+The critical section -- what is locked, in which order, and why a burst of reports ends in exactly one
+switch -- lives in the database, next to the rows it locks: ``sql/switch.sql``, read it there. This
+module validates nothing (``operations`` does), runs that call in the right transaction, retries it
+honestly and turns its answer into a ``SwitchResult`` or a typed error.
 
-What one report does (READ COMMITTED):
-
-1. An unlocked read resolves the names. If the agent has visibly left the reported subscription
-   already, the answer is ``STALE`` at once: no lock, no write.
-2. ``SELECT ... FOR UPDATE`` of the agent row *on condition that it still uses the reported
-   subscription*. This is the stale guard, re-checked by Postgres on the newest row version once the
-   lock is free: reports queued behind a winning switch find no row and answer ``STALE`` together
-   instead of taking the lock in turn.
-3. The failure is recorded (always, auto-switch on or off: it is what puts the subscription into
-   cooldown). Unless auto-switch is off, the eligible candidates (enabled, not the failed one, no
-   failure inside the cooldown window, under ``max_agents``) are tried in the policy's order.
-4. The agent is moved, ``generation`` bumped, the switch logged and the restart enqueued in the outbox
-   (coalescing with a pending one, with ``NOTIFY``); all of it commits together or not at all.
-
-Lock order (the only locks taken, always in this order, so switches cannot deadlock each other):
-
-1. the agent's row, ``FOR UPDATE`` -- serializes every switch and assignment of that agent, in any
-   process on any host;
-2. at most one capacity-limited subscription row at a time, ``FOR NO KEY UPDATE`` (failures can still
-   be recorded against it) -- only for a candidate with ``max_agents``. A candidate found full is
-   released at once (its subtransaction is rolled back). Candidates another switch holds are skipped
-   at first and waited for only if no other has room, so a herd spreads over the alternatives.
-
-Nothing else is locked: switches of different agents onto unlimited subscriptions never wait on each
-other. A lock wait longer than ``lock_timeout`` ends in ``SwitchBusy``. Deadlocks (40P01) and
-serialization failures (40001), which only foreign code sharing the transaction could cause, and a
-connection lost mid-call, are retried a bounded number of times: a report is idempotent, since a
-repeat finds the agent moved and answers ``STALE``.
+Retries. A deadlock or serialization failure (only foreign code sharing a joined transaction can cause
+them) is retried a bounded number of times. So is a connection lost mid-call, outside a joined
+transaction: the reply may be lost *after* the database committed. Every report carries a report id, which
+the database stores with the failure it records, so the retry finds its own earlier answer and returns it
+(``replayed``) instead of answering ``STALE`` about the switch it made itself, or switching again.
 """
 
 from __future__ import annotations
@@ -42,22 +19,27 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from . import validate
+from . import sql, validate
 from .errors import CapacityExceeded, InvalidInput, SwitchBusy, UnknownAgent, UnknownSubscription
-from .model import Outcome, SwitchResult
-from .selection import BuiltinPolicy, Candidate, LeastLoaded, SelectionPolicy
+from .model import FailureKind, Outcome, SwitchResult
+from .outbox import NOTIFY_CHANNEL, NOTIFY_SWITCH, RESTART_AGENT
+from .registry import Registry
+from .selection import BuiltinPolicy, LeastLoaded, SelectionPolicy
 
 T = TypeVar("T")
 
 RETRIED_SQLSTATES = frozenset({"40P01", "40001"})
 LOCK_NOT_AVAILABLE = "55P03"
+REPORT_ID_KEY = "failures_report_id_key"
 
 
 @dataclass(frozen=True, slots=True)
-class SwitchOptions:
+class Options:
+    """How a front door switches."""
+
     lock_timeout: timedelta = timedelta(seconds=3)
     """Longest wait for a row lock before ``SwitchBusy``."""
     policy: SelectionPolicy = field(default_factory=LeastLoaded)
@@ -65,132 +47,131 @@ class SwitchOptions:
     """Extra attempts after a deadlock, a serialization failure or a lost connection."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lock_timeout, timedelta) or not (
-            timedelta(0) < self.lock_timeout <= timedelta(hours=1)
-        ):
-            raise InvalidInput(
-                f"lock_timeout must be a timedelta above 0 and at most 1 hour, got {self.lock_timeout!r}"
-            )
-        validate.integer(self.max_retries, "max_retries", minimum=0)
+        if not isinstance(self.lock_timeout, timedelta):
+            raise InvalidInput(f"lock_timeout must be a timedelta, got {self.lock_timeout!r}")
+        validate.duration(
+            self.lock_timeout, "lock_timeout", maximum=timedelta(hours=1), exclusive_minimum=True
+        )
+        if not callable(getattr(self.policy, "rank", None)):
+            raise InvalidInput(f"policy must have a rank(candidates) method, got {self.policy!r}")
+        validate.integer(self.max_retries, "max_retries", minimum=0, maximum=100)
 
     @property
     def lock_timeout_setting(self) -> str:
+        """The value of PostgreSQL's ``lock_timeout`` for these options."""
         return f"{max(1, round(self.lock_timeout.total_seconds() * 1000))}ms"
 
 
-_HANDLE_FAILURE = text(
-    """
-    SELECT outcome, old_subscription, new_subscription, agent_generation, restart_id
-    FROM switcher.handle_failure(:agent, :snapshot, :kind, :message, :lock_timeout,
-                                 :order, CAST(:ranked AS text[]))
-    """
-)
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A validated report of a failure."""
 
-_ASSIGN = text(
-    """
-    SELECT outcome, old_subscription, new_subscription, agent_generation, restart_id
-    FROM switcher.assign(:agent, :subscription, :lock_timeout)
-    """
-)
-
-# Only for a policy written in Python: the candidates it ranks. Built-in policies rank in SQL.
-_CANDIDATES = text(
-    """
-    SELECT c.id, c.name, c.priority, c.max_agents, c.assigned
-    FROM switcher.agents a
-    CROSS JOIN LATERAL switcher.candidates(
-        COALESCE((SELECT s.id FROM switcher.subscriptions s WHERE s.name = :snapshot), a.subscription_id),
-        COALESCE((SELECT st.cooldown_window FROM switcher.settings st WHERE st.id = 1), interval '2 hours')
-    ) c
-    WHERE a.name = :agent
-    """
-)
+    report_id: str
+    agent: str
+    snapshot: str | None
+    generation: int | None
+    kind: FailureKind
+    message: str
 
 
-def handle_failure(
-    conn: Connection,
-    *,
-    agent: object,
-    failed_subscription: object,
-    kind: object,
-    message: object,
-    options: SwitchOptions,
-    joined: bool,
-) -> SwitchResult:
-    """Report a failure on ``conn``: as a transaction of its own, or (``joined``) inside the caller's
-    transaction, in a savepoint, taking effect when the caller commits."""
+def report_failure(db: Registry, report: Report, options: Options, *, joined: bool) -> SwitchResult:
+    """Report a failure: as a statement of its own (autocommit), or inside the caller's transaction
+    (``joined``, in a savepoint), taking effect when the caller commits."""
     params: dict[str, Any] = {
-        "agent": validate.name(agent, "agent"),
-        "snapshot": validate.optional_name(failed_subscription, "failed_subscription"),
-        "kind": validate.kind(kind).value,
-        "message": validate.message(message),
+        "report_id": report.report_id,
+        "agent": report.agent,
+        "snapshot": report.snapshot,
+        "generation": report.generation,
+        "kind": report.kind.value,
+        "message": report.message,
         "lock_timeout": options.lock_timeout_setting,
+        "channel": NOTIFY_CHANNEL,
+        "restart_kind": RESTART_AGENT,
+        "notify_kind": NOTIFY_SWITCH,
     }
 
     def call() -> SwitchResult:
         policy = options.policy
         if isinstance(policy, BuiltinPolicy):
-            params.update(order=policy.sql_order, ranked=None)
+            params.update(priority_first=policy.priority_first, ranked=None)
         else:
-            rows = conn.execute(_CANDIDATES, params).all()
-            ranked = policy.rank(
-                [Candidate(r.id, r.name, r.priority, r.max_agents, r.assigned) for r in rows]
-            )
-            params.update(order=LeastLoaded.sql_order, ranked=[c.name for c in ranked])
-        row = conn.execute(_HANDLE_FAILURE, params).one()
-        return _result(row, params["agent"], params["snapshot"])
+            ranked = policy.rank(db.candidates(report.agent, report.snapshot))
+            params.update(priority_first=False, ranked=[c.name for c in ranked])
+        try:
+            row = db.handle_failure(**params)
+        except IntegrityError as error:
+            if sql.violated_constraint(error) == REPORT_ID_KEY:
+                raise _reused(report.report_id) from None
+            raise
+        if row.outcome == "report_id_reused":
+            raise _reused(report.report_id)
+        return _result(row, report.agent, report.snapshot, report.report_id)
 
-    return run_transaction(conn, joined, options, call)
+    return run(db.conn, joined, options, call)
 
 
-def assign(conn: Connection, *, agent: object, subscription: object, options: SwitchOptions) -> SwitchResult:
+def _reused(report_id: str) -> InvalidInput:
+    return InvalidInput(f"report_id {report_id!r} was already used by a report of another agent")
+
+
+def assign(db: Registry, agent: str, subscription: str, options: Options) -> SwitchResult:
     """Move ``agent`` to ``subscription`` by hand (capacity respected) and enqueue its restart."""
     params = {
-        "agent": validate.name(agent, "agent"),
-        "subscription": validate.name(subscription, "subscription"),
+        "agent": agent,
+        "subscription": subscription,
         "lock_timeout": options.lock_timeout_setting,
+        "channel": NOTIFY_CHANNEL,
+        "restart_kind": RESTART_AGENT,
+        "notify_kind": NOTIFY_SWITCH,
     }
 
     def call() -> SwitchResult:
-        row = conn.execute(_ASSIGN, params).one()
+        row = db.assign(**params)
         if row.outcome == "full":
             raise CapacityExceeded(
-                f"subscription {params['subscription']!r} already has its max_agents agents; "
+                f"subscription {subscription!r} already has its max_agents agents; "
                 "raise max_agents or choose another subscription"
             )
-        return _result(row, params["agent"], params["subscription"])
+        return _result(row, agent, subscription, None)
 
-    return run_transaction(conn, False, options, call)
+    # A manual assignment has no report id: a lost reply is not retried (the operator looks and decides).
+    return run(db.conn, False, options, call, retry_lost_connection=False)
 
 
-def run_transaction(conn: Connection, joined: bool, options: SwitchOptions, body: Callable[[], T]) -> T:
-    """Run ``body``: on its own in autocommit mode (each statement its own transaction, no BEGIN or
-    COMMIT round trips) or, ``joined``, in a savepoint of the caller's transaction. Deadlocks,
-    serialization failures and (on its own) lost connections are retried a bounded number of times."""
+def run(
+    conn: Connection,
+    joined: bool,
+    options: Options,
+    body: Callable[[], T],
+    *,
+    retry_lost_connection: bool = True,
+) -> T:
+    """Run ``body`` on its own in autocommit mode (each statement its own transaction: no BEGIN or COMMIT
+    round trips) or, ``joined``, in a savepoint of the caller's transaction; with bounded retries."""
     for attempt in range(options.max_retries + 1):
         try:
             if joined:
                 with conn.begin_nested():
                     return body()
-            if not conn.in_transaction():  # a fresh connection, or a replaced one after an error
+            if not conn.in_transaction():  # a fresh connection, or one replaced after an error
                 conn.execution_options(isolation_level="AUTOCOMMIT")
             return body()
         except DBAPIError as error:
-            sqlstate = getattr(error.orig, "sqlstate", None)
-            if sqlstate == LOCK_NOT_AVAILABLE:
+            state = sql.sqlstate(error)
+            if state == LOCK_NOT_AVAILABLE:
                 raise SwitchBusy(
                     f"a row this switch needs stayed locked longer than lock_timeout "
                     f"({options.lock_timeout_setting}); nothing was written, retry later"
                 ) from error
-            retry = sqlstate in RETRIED_SQLSTATES or (error.connection_invalidated and not joined)
-            if not retry or attempt == options.max_retries:
+            lost = error.connection_invalidated and not joined and retry_lost_connection
+            if not (state in RETRIED_SQLSTATES or lost) or attempt == options.max_retries:
                 raise
             if not joined:
                 conn.rollback()  # a lost connection is replaced on the next attempt
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _result(row: Any, agent: str, subscription: str | None) -> SwitchResult:
+def _result(row: Any, agent: str, subscription: str | None, report_id: str | None) -> SwitchResult:
     if row.outcome == "unknown_agent":
         raise UnknownAgent(agent)
     if row.outcome == "unknown_subscription":
@@ -202,4 +183,6 @@ def _result(row: Any, agent: str, subscription: str | None) -> SwitchResult:
         row.new_subscription,
         row.agent_generation,
         row.restart_id,
+        report_id,
+        bool(getattr(row, "replayed", False)),
     )

