@@ -1,4 +1,5 @@
-"""The database the examples use: SWITCHER_DATABASE_URL, or a throwaway embedded server."""
+"""What the examples share: a database (SWITCHER_DATABASE_URL, or a throwaway embedded PostgreSQL, which
+needs `pip install 'switcher[embedded]'`), and registering their agent so that a rerun starts afresh."""
 
 from __future__ import annotations
 
@@ -6,13 +7,32 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from switcher import Switcher, UnknownAgent
+
 
 @contextlib.contextmanager
 def database_url() -> Iterator[str]:
     if url := os.environ.get("SWITCHER_DATABASE_URL"):
         yield url
         return
-    from switcher.testing import embedded_server  # needs switcher[embedded]
+    from switcher.testing import embedded_server
 
     with embedded_server() as server:
         yield server.url.render_as_string(hide_password=False)
+
+
+def register(sw: Switcher, agent: str, subscriptions: dict[str, str], container: str) -> None:
+    """Register the subscriptions (name: credential reference) and the agent on the first of them, as an
+    operator would (or `switcher subscription add`); on a rerun, put the agent back on the first one."""
+    sw.migrate()
+    existing = {s.name for s in sw.subscriptions()}
+    for name, credential_ref in subscriptions.items():
+        if name not in existing:
+            sw.add_subscription(name, credential_ref=credential_ref)
+    first = next(iter(subscriptions))
+    try:
+        sw.agent(agent)
+    except UnknownAgent:
+        sw.add_agent(agent, subscription=first, container=container)
+    else:
+        sw.assign(agent, first)

@@ -1,6 +1,6 @@
 """An asyncio backend: several chat requests of one agent fail at once; one switch happens.
 
-    python examples/backend_asyncio.py     # SWITCHER_DATABASE_URL, or an embedded PostgreSQL
+    .venv/bin/python examples/backend_asyncio.py   # SWITCHER_DATABASE_URL, or an embedded PostgreSQL
 
 The same holds when the requests come from different processes or hosts: the lock is a row lock in
 PostgreSQL, not in this process.
@@ -10,34 +10,35 @@ from __future__ import annotations
 
 import asyncio
 
-from _database import database_url
+from _database import database_url, register
 
 from switcher import AsyncSwitcher, FailureKind, Switcher
 
 
-async def chat(asw: AsyncSwitcher, agent: str, used: str) -> str:
-    """Stand-in for a chat request that got an auth-class error from the provider."""
-    result = await asw.handle_failure(
-        agent, failed_subscription=used, kind=FailureKind.AUTH, message="401 OAuth token has expired"
-    )
-    return result.outcome.value
+async def chat(asw: AsyncSwitcher, agent: str) -> str:
+    """One chat request. The execution pins the snapshot and makes a drain-aware restart wait for it."""
+    async with asw.execution(agent) as ex:
+        # ... call the model with the credential of ex.subscription; it answers 401 ...
+        result = await ex.report_failure(FailureKind.AUTH, "401 OAuth token has expired")
+        return result.outcome.value
 
 
 async def serve(url: str) -> None:
     async with AsyncSwitcher.from_url(url) as asw:
-        used = await asw.current_subscription("support-bot")
-        outcomes = await asyncio.gather(*(chat(asw, "support-bot", used or "") for _ in range(5)))
+        outcomes = await asyncio.gather(*(chat(asw, "support-bot") for _ in range(5)))
         print(f"5 concurrent failures: {sorted(outcomes)}")
         print(f"support-bot now uses {await asw.current_subscription('support-bot')}")
 
 
 def main() -> None:
     with database_url() as url:
-        with Switcher.from_url(url) as sw:  # setup, as an operator would (or `switcher subscription add`)
-            sw.migrate()
-            sw.add_subscription("primary", credential_ref="env:PRIMARY_TOKEN")
-            sw.add_subscription("backup", credential_ref="env:BACKUP_TOKEN")
-            sw.add_agent("support-bot", subscription="primary", container="agent-support-bot")
+        with Switcher.from_url(url) as sw:
+            register(
+                sw,
+                "support-bot",
+                {"primary": "env:SWITCHER_CRED_PRIMARY", "backup": "env:SWITCHER_CRED_BACKUP"},
+                container="agent-support-bot",
+            )
         asyncio.run(serve(url))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import importlib
 import json
 import logging
@@ -58,8 +59,16 @@ class Seconds(click.ParamType[float]):
         low_ok = seconds > self.minimum if self.above else seconds >= self.minimum
         if not (math.isfinite(seconds) and low_ok and seconds <= self.maximum):
             bound = "above" if self.above else "at least"
-            self.fail(f"{value!r} must be {bound} {self.minimum:g} and at most {self.maximum:g}", param, ctx)
+            self.fail(
+                f"{value!r} must be {bound} {_number(self.minimum)} and at most {_number(self.maximum)}",
+                param,
+                ctx,
+            )
         return seconds
+
+
+def _number(value: float) -> str:
+    return f"{value:.0f}" if value == int(value) else f"{value:g}"
 
 
 class Days(Seconds):
@@ -166,6 +175,8 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App)
+option = functools.partial(click.option, show_envvar=True)
+"""Every option can come from the environment (SWITCHER_<COMMAND>_<OPTION>); its help says which."""
 
 SUBSCRIPTION_COLUMNS = (
     "name",
@@ -188,12 +199,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @click.group(context_settings={"auto_envvar_prefix": "SWITCHER", "show_default": True})
-@click.option("--database-url", metavar="URL", help="PostgreSQL URL (postgresql://user:pw@host/db)")
-@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO")
-@click.option(
-    "--log-format", type=click.Choice(("text", "json")), default="text", help="json: one object a line"
-)
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables (errors too)")
+@option("--database-url", metavar="URL", help="PostgreSQL URL (postgresql://user:pw@host/db)")
+@option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO")
+@option("--log-format", type=click.Choice(("text", "json")), default="text", help="json: one object a line")
+@option("--json", "as_json", is_flag=True, envvar="SWITCHER_JSON", help="print JSON instead of tables (errors too)")
 @click.version_option(version("switcher"), prog_name="switcher", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, database_url: str | None, log_level: str, log_format: str, as_json: bool) -> None:
@@ -240,8 +249,8 @@ def check(app: App) -> None:
 
 
 @cli.command()
-@click.option("--watch", is_flag=True, help="redraw until Ctrl-C")
-@click.option("--interval", type=Seconds(0.1, 3600), default=2.0, help="seconds between redraws with --watch")
+@option("--watch", is_flag=True, help="redraw until Ctrl-C")
+@option("--interval", type=Seconds(0.1, 3600), default=2.0, help="seconds between redraws with --watch")
 @pass_app
 def status(app: App, watch: bool, interval: float) -> None:
     """Agents, subscriptions, outbox backlog, dead messages, recent switches, drainers."""
@@ -291,10 +300,10 @@ def _print_status(app: App, current: Status, live: bool = False) -> None:
 
 @cli.command()
 @click.argument("agent")
-@click.option("--snapshot", required=True, help="the subscription the failed request used")
-@click.option("--kind", required=True, type=click.Choice(("rate_limit", "auth")))
-@click.option("--message", default="", help="the error text (stored redacted)")
-@click.option("--report-id", default=None, help="the report's id: the same id again returns the same answer")
+@option("--snapshot", required=True, help="the subscription the failed request used")
+@option("--kind", required=True, type=click.Choice(("rate_limit", "auth")))
+@option("--message", default="", help="the error text (stored redacted)")
+@option("--report-id", default=None, help="the report's id: the same id again returns the same answer")
 @pass_app
 def fail(app: App, agent: str, snapshot: str, kind: str, message: str, report_id: str | None) -> None:
     """Report a failure by hand, as a backend would."""
@@ -303,7 +312,7 @@ def fail(app: App, agent: str, snapshot: str, kind: str, message: str, report_id
 
 
 @cli.command()
-@click.option("--batch", type=click.IntRange(1, 100_000), default=1_000, help="rows per statement")
+@option("--batch", type=click.IntRange(1, 100_000), default=1_000, help="rows per statement")
 @pass_app
 def prune(app: App, batch: int) -> None:
     """Delete history past the retention period now (drainers do it in the background)."""
@@ -312,7 +321,7 @@ def prune(app: App, batch: int) -> None:
 
 
 @cli.command()
-@click.option("--yes", is_flag=True, help="really drop schema switcher and everything in it")
+@option("--yes", is_flag=True, help="really drop schema switcher and everything in it")
 @pass_app
 def uninstall(app: App, yes: bool) -> None:
     """Drop schema switcher with every subscription, agent, message and record in it."""
@@ -333,12 +342,10 @@ def subscription() -> None:
 
 @subscription.command("add")
 @click.argument("name")
-@click.option("--credential-ref", required=True, help="env:VARIABLE or file:/path, never the secret")
-@click.option("--priority", type=click.IntRange(-(2**31), 2**31 - 1), default=0, help="lower is preferred")
-@click.option(
-    "--max-agents", type=click.IntRange(1, 2**31 - 1), default=None, help="capacity (default: none)"
-)
-@click.option("--disabled", is_flag=True, help="register it disabled")
+@option("--credential-ref", required=True, help="env:VARIABLE or file:/path, never the secret")
+@option("--priority", type=click.IntRange(-(2**31), 2**31 - 1), default=0, help="lower is preferred")
+@option("--max-agents", type=click.IntRange(1, 2**31 - 1), default=None, help="capacity (default: none)")
+@option("--disabled", is_flag=True, help="register it disabled")
 @pass_app
 def subscription_add(
     app: App, name: str, credential_ref: str, priority: int, max_agents: int | None, disabled: bool
@@ -408,9 +415,9 @@ def agent() -> None:
 
 @agent.command("add")
 @click.argument("name")
-@click.option("--subscription", default=None)
-@click.option("--container", default=None, help="Docker container name")
-@click.option("--placement", default=None, help="the Docker host whose drainers restart it")
+@option("--subscription", default=None)
+@option("--container", default=None, help="Docker container name")
+@option("--placement", default=None, help="the Docker host whose drainers restart it")
 @pass_app
 def agent_add(
     app: App, name: str, subscription: str | None, container: str | None, placement: str | None
@@ -466,12 +473,12 @@ def settings_get(app: App) -> None:
 
 
 @settings.command("set")
-@click.option("--auto-switch", type=OnOff(), default=None)
-@click.option("--cooldown", type=Seconds(), default=None, help="cooldown window, seconds")
-@click.option(
+@option("--auto-switch", type=OnOff(), default=None)
+@option("--cooldown", type=Seconds(), default=None, help="cooldown window, seconds")
+@option(
     "--webhook", default=None, help="env:NAME (or file:/path) of the URL told of every switch; '' removes"
 )
-@click.option("--retention", type=Seconds(3600, 3660 * 86400), default=None, help="history kept, seconds")
+@option("--retention", type=Seconds(3600, 3660 * 86400), default=None, help="history kept, seconds")
 @pass_app
 def settings_set(
     app: App, auto_switch: bool | None, cooldown: float | None, webhook: str | None, retention: float | None
@@ -494,12 +501,12 @@ def outbox() -> None:
 
 
 @outbox.command("list")
-@click.option(
+@option(
     "--status",
     type=click.Choice(("pending", "running", "done", "dead", "superseded", "cancelled")),
     default=None,
 )
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50)
+@option("--limit", type=click.IntRange(1, 10_000), default=50)
 @pass_app
 def outbox_list(app: App, status: str | None, limit: int) -> None:
     """Newest messages first."""
@@ -518,7 +525,7 @@ def outbox_show(app: App, message_id: int) -> None:
 
 @outbox.command("retry")
 @click.argument("message_ids", nargs=-1, type=click.IntRange(1))
-@click.option("--all-dead", is_flag=True, help="every dead message")
+@option("--all-dead", is_flag=True, help="every dead message")
 @pass_app
 def outbox_retry(app: App, message_ids: tuple[int, ...], all_dead: bool) -> None:
     """Give dead (or finished) messages a full set of attempts again."""
@@ -540,8 +547,8 @@ def outbox_cancel(app: App, message_ids: tuple[int, ...]) -> None:
 
 
 @outbox.command("purge")
-@click.option("--older-than", type=Days(), default=7.0, help="days since the last change")
-@click.option("--dead", is_flag=True, help="dead messages too")
+@option("--older-than", type=Days(), default=7.0, help="days since the last change")
+@option("--dead", is_flag=True, help="dead messages too")
 @pass_app
 def outbox_purge(app: App, older_than: float, dead: bool) -> None:
     """Delete finished messages (done, superseded, cancelled)."""
@@ -553,16 +560,16 @@ def outbox_purge(app: App, older_than: float, dead: bool) -> None:
 
 
 @cli.command()
-@click.option("--placement", default=None, help="only agents placed here (default: agents placed nowhere)")
-@click.option(
+@option("--placement", default=None, help="only agents placed here (default: agents placed nowhere)")
+@option(
     "--restart-mode",
     type=click.Choice(("auto", "reload", "recreate", "restart")),
     default="auto",
     help="auto: hot reload where the container has a hook, else drain-aware recreate",
 )
-@click.option("--drain-timeout", type=Seconds(0, 86400), default=300.0, help="wait this long for executions")
-@click.option("--stop-timeout", type=Seconds(0, 3600), default=10.0, help="docker stop's grace period")
-@click.option(
+@option("--drain-timeout", type=Seconds(0, 86400), default=300.0, help="wait this long for executions")
+@option("--stop-timeout", type=Seconds(0, 3600), default=10.0, help="docker stop's grace period")
+@option(
     "--credential-env-prefix",
     "env_prefixes",
     type=CommaList(),
@@ -571,7 +578,7 @@ def outbox_purge(app: App, older_than: float, dead: bool) -> None:
     envvar="SWITCHER_CREDENTIAL_ENV_PREFIX",
     help="env: references may name only variables starting so",
 )
-@click.option(
+@option(
     "--credential-dir",
     "directories",
     type=CommaList(),
@@ -580,22 +587,20 @@ def outbox_purge(app: App, older_than: float, dead: bool) -> None:
     envvar="SWITCHER_CREDENTIAL_DIR",
     help="file: references may name only files under these",
 )
-@click.option(
+@option(
     "--credential-env", default="SWITCHER_CREDENTIAL", help="variable carrying it in a recreated container"
 )
-@click.option("--concurrency", type=click.IntRange(1, 1024), default=4, help="handlers running at once")
-@click.option("--poll-interval", type=Seconds(0, 86400, above=True), default=5.0, help="polling fallback")
-@click.option("--lease", type=Seconds(1, 86400), default=30.0, help="seconds a claim lasts unrenewed")
-@click.option("--max-attempts", type=click.IntRange(1, 1_000_000), default=10)
-@click.option("--backoff-base", type=Seconds(0, 3600), default=1.0, help="first retry delay")
-@click.option("--backoff-cap", type=Seconds(0, 86400), default=300.0, help="longest retry delay")
-@click.option("--shutdown-timeout", type=Seconds(0, 86400), default=30.0, help="seconds to finish on SIGTERM")
-@click.option("--worker-id", default=None, help="name in leases (default host:pid:random)")
-@click.option("--no-listen", is_flag=True, help="poll only (behind a transaction-pooling proxy)")
-@click.option(
-    "--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve /metrics and /healthz"
-)
-@click.option("--metrics-host", default="127.0.0.1", help="address to serve them on")
+@option("--concurrency", type=click.IntRange(1, 1024), default=4, help="handlers running at once")
+@option("--poll-interval", type=Seconds(0, 86400, above=True), default=5.0, help="polling fallback")
+@option("--lease", type=Seconds(1, 86400), default=30.0, help="seconds a claim lasts unrenewed")
+@option("--max-attempts", type=click.IntRange(1, 1_000_000), default=10)
+@option("--backoff-base", type=Seconds(0, 3600), default=1.0, help="first retry delay")
+@option("--backoff-cap", type=Seconds(0, 86400), default=300.0, help="longest retry delay")
+@option("--shutdown-timeout", type=Seconds(0, 86400), default=30.0, help="seconds to finish on SIGTERM")
+@option("--worker-id", default=None, help="name in leases (default host:pid:random)")
+@option("--no-listen", is_flag=True, help="poll only (behind a transaction-pooling proxy)")
+@option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve /metrics and /healthz")
+@option("--metrics-host", default="127.0.0.1", help="address to serve them on")
 @pass_app
 def drain(app: App, /, **options: Any) -> None:
     """Run the outbox drainer until SIGTERM/SIGINT: restarts agents and sends switch notifications."""
@@ -663,7 +668,7 @@ def _needs(extra: str, what: str, load: Callable[[], T]) -> T:
 
 
 @cli.command()
-@click.option(
+@option(
     "--runtime",
     type=click.Choice(("auto", "docker", "simulated")),
     default="auto",
@@ -684,6 +689,20 @@ def demo(app: App, runtime: str) -> None:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _from_environment(error: click.ClickException, argv: Sequence[str]) -> str:
+    """Which variable a bad value came from, when it did not come from the command line."""
+    if not isinstance(error, click.BadParameter) or error.param is None or error.ctx is None:
+        return ""
+    envvar = error.param.resolve_envvar_value(error.ctx)
+    named = error.param.envvar or (
+        f"{error.ctx.auto_envvar_prefix}_{(error.param.name or '').upper()}"
+        if error.ctx.auto_envvar_prefix
+        else None
+    )
+    given = any(arg.split("=")[0] in error.param.opts for arg in argv)
+    return f" (from {named})" if envvar is not None and named and not given else ""
 
 
 def _wants_json(argv: Sequence[str]) -> bool:
@@ -715,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         return 130
     except click.ClickException as error:
-        return _error(error.format_message(), EXIT_USAGE, as_json)
+        return _error(error.format_message() + _from_environment(error, args), EXIT_USAGE, as_json)
     except SwitcherError as error:
         return _error(str(error), EXIT_USAGE, as_json)
     except DBAPIError as error:
