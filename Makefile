@@ -12,9 +12,9 @@ ifneq ($(SWITCHER_TEST_PG_IMAGE),)
 export SWITCHER_TEST_PG_IMAGE
 endif
 
-.PHONY: test test-embedded lint demo bench docker-up clean
+.PHONY: test test-embedded lint demo bench docker-up package-check clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -33,18 +33,21 @@ test: lint
 test-embedded: $(BIN)/.installed
 	SWITCHER_TEST_PG=embedded $(BIN)/python -m pytest -m "not docker"
 
-# A Docker engine and the local test images (installs docker.io when missing; needs root for that).
+# The wheel and the sdist as users get them (tests/package-check.sh).
+package-check: $(BIN)/.installed
+	tests/package-check.sh
+
+# A Docker engine and the local PostgreSQL image (installs docker.io when missing; needs root for that).
 docker-up:
 	tests/images/docker-up.sh
 
-# The whole job on an embedded PostgreSQL (or SWITCHER_DATABASE_URL), with real processes; under a minute.
+# The whole job on an embedded PostgreSQL (or SWITCHER_DATABASE_URL), with real processes; seconds.
 demo: $(BIN)/.installed
 	$(BIN)/switcher demo
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
-	$(BIN)/python -m bench.switch
-	$(BIN)/python -m bench.drainer
+	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

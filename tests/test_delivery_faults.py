@@ -31,7 +31,7 @@ from switcher import FailureKind, Switcher
 from switcher.runtime.docker import PARKED, DockerConfig
 from tests import drainers
 from tests.conftest import restart_rows, wait_for
-from tests.faults.docker_proxy import DockerProxy, Rule
+from tests.faults.docker_proxy import DockerProxy, Request, Rule
 from tests.pgserver import RestartablePostgres
 
 pytestmark = pytest.mark.docker
@@ -53,6 +53,17 @@ STEPS: dict[str, tuple[str, str]] = {
     "start": ("POST", r"/containers/[^/]+/start"),
     "remove": ("DELETE", r"/containers/[^/]+"),
 }
+# The kinds of fault the figures count.
+KILLED_AT = {
+    "stop": "kill -9 during docker stop",
+    "rename": "kill -9 before rename",
+    "create": "kill -9 before create",
+    "start": "kill -9 before start",
+    "remove": "kill -9 before removing the parked container",
+}
+KILLED_STOPPED = "kill -9 after create, container stopped before"
+OUTAGE = "Docker unreachable mid-recreate"
+PG_RESTART = "PostgreSQL restarted mid-recreate"
 
 
 @pytest.fixture(autouse=True)
@@ -188,10 +199,12 @@ class Fleet:
     def __init__(self, url: str) -> None:
         self.url = url
         self.processes: list[Any] = []
+        self.events: list[dict[str, Any]] = []
+        """Kept while the processes run: a child unpickles its events after it started."""
         self.killed: list[int] = []
 
     def start(self, base_url: str, concurrency: int = 1) -> Any:
-        process, _events = drainers.start(
+        process, events = drainers.start(
             self.url,
             "docker",
             poll_interval=timedelta(seconds=0.2),
@@ -200,8 +213,12 @@ class Fleet:
             concurrency=concurrency,
             docker=DockerConfig(base_url=base_url, stop_timeout=STOP_TIMEOUT, mode="recreate"),
         )
-        self.processes.append(process)
+        self.add(process, events)
         return process
+
+    def add(self, process: Any, events: dict[str, Any]) -> None:
+        self.processes.append(process)
+        self.events.append(events)
 
     def kill(self, pid: int) -> None:
         """SIGKILL one of the drainers, by its pid."""
@@ -210,6 +227,15 @@ class Fleet:
         os.kill(pid, signal.SIGKILL)
         process.join(30)
         self.killed.append(pid)
+
+    def reach(self, rule: Rule, timeout: float = 90.0) -> Request:
+        """Wait until a drainer's request reaches ``rule``; fail at once if no drainer is left."""
+        wait_for(
+            lambda: rule.reached.is_set() or not self.alive(), timeout=timeout, what=f"a request to {rule}"
+        )
+        exits = [p.exitcode for p in self.processes]
+        assert rule.request is not None, f"no drainer left to reach {rule} (exit codes {exits})"
+        return rule.request
 
     def alive(self) -> list[Any]:
         return [p for p in self.processes if p.is_alive()]
@@ -294,20 +320,15 @@ class Fault:
 
 
 FAULTS = [
-    Fault("a-killed-during-stop", "drainer killed during docker stop", "stop", "kill", how="notify"),
-    Fault("b-killed-before-rename", "drainer killed after stop, before rename", "rename", "kill"),
-    Fault("c-killed-before-create", "drainer killed after rename, before create", "create", "kill"),
-    Fault("d-killed-before-start", "drainer killed after create, before start", "start", "kill"),
-    Fault("e-killed-before-remove", "drainer killed before removing the parked one", "remove", "kill"),
-    Fault("f-docker-unreachable", "Docker unreachable at create", "create", "outage"),
-    Fault("g-postgres-restarted", "PostgreSQL restarted at create", "create", "postgres_restart"),
-    Fault(
-        "h-stopped-killed-after-create",
-        "stopped container, drainer killed after create",
-        "remove",
-        "kill",
-        stopped=True,
-    ),
+    Fault("a-killed-during-stop", KILLED_AT["stop"], "stop", "kill", how="notify"),
+    Fault("b-killed-after-stop-before-rename", KILLED_AT["rename"], "rename", "kill"),
+    Fault("c-killed-after-rename-before-create", KILLED_AT["create"], "create", "kill"),
+    Fault("d-killed-after-create-before-start", KILLED_AT["start"], "start", "kill"),
+    Fault("e-killed-before-removing-parked", KILLED_AT["remove"], "remove", "kill"),
+    Fault("f-docker-unreachable-at-create", OUTAGE, "create", "outage"),
+    Fault("g-postgres-restarted-at-create", PG_RESTART, "create", "postgres_restart"),
+    # Stopped: no stop and no start; the step after create is removing the parked container.
+    Fault("h-stopped-killed-after-create", KILLED_STOPPED, "remove", "kill", stopped=True),
 ]
 
 
@@ -374,7 +395,7 @@ def _inject(
     result = sw.handle_failure("alice", "A", RL, "429")
     assert result.switched and result.new_subscription == "B"
 
-    request_seen = rule.wait(90)
+    request_seen = drainers_.reach(rule)
     if fault.inject == "kill":
         drainers_.kill(request_seen.pid)
         at = where(docker_client, container)
@@ -434,8 +455,7 @@ def test_randomized_faults_across_agents_and_drainers(
             container.stop(timeout=5)
         sw.add_agent(agent, subscription=SUBSCRIPTIONS[i], container=container.name)
 
-    kills = [rng.choice(list(STEPS)) for _ in range(4)]
-    plan: list[str] = [f"kill@{step}" for step in kills]
+    plan: list[str] = rng.sample(list(STEPS), 4)  # the steps where a drainer is killed, in this order
     plan.insert(rng.randrange(len(plan) + 1), "outage")
     print(f"\n[D1] randomized run, seed {SEED}: plan {plan}, stopped {sorted(stopped)}")
 
@@ -445,11 +465,11 @@ def test_randomized_faults_across_agents_and_drainers(
     injected: Counter[str] = Counter()
     switches = 0
     for number, fault in enumerate(plan):
-        if fault == "outage":
-            rule = arm(proxy, "create")
-        else:
-            step = fault.removeprefix("kill@")
-            rule = arm(proxy, step, "notify" if step == "stop" else "hold")
+        rule = (
+            arm(proxy, "create")
+            if fault == "outage"
+            else arm(proxy, fault, "notify" if fault == "stop" else "hold")
+        )
         for agent in rng.sample(agents, len(agents)):
             if sw.handle_failure(agent, sw.agent(agent).subscription, RL, "429").switched:
                 switches += 1
@@ -475,7 +495,7 @@ def test_randomized_faults_across_agents_and_drainers(
             drainers_.kill(rule.pid)
             rule.drop()
             drainers_.start(proxy.base_url, concurrency=2)
-        injected[fault] += 1
+        injected[OUTAGE if fault == "outage" else KILLED_AT[fault]] += 1
         print(f"[D1] round {number}: {fault} injected ({rule.request})")
     settle(sw)
 
@@ -511,14 +531,14 @@ def test_the_proxy_carries_a_hot_reload_with_its_half_close(
         sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}")
     sw.add_agent("alice", subscription="A", container=container.name)
     drainers_ = fleet(url)
-    process, _ = drainers.start(
+    process, events = drainers.start(
         url,
         "docker",
         poll_interval=timedelta(seconds=0.2),
         lease=LEASE,
         docker=DockerConfig(base_url=proxy.base_url, stop_timeout=STOP_TIMEOUT, mode="auto"),
     )
-    drainers_.processes.append(process)
+    drainers_.add(process, events)
     sw.handle_failure("alice", "A", RL, "429")
     settle(sw)
     assert [r.result for r in restart_rows(sw)] == ["reloaded"]

@@ -6,36 +6,50 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.history import checker, run
 from tests.history.checker import Answer, Call, FailureRow, History, Sample, SwitchRow
-from tests.pgserver import restartable_postgres
+from tests.pgserver import RestartablePostgres, restartable_postgres
 
 LONG_SECONDS = os.environ.get("SWITCHER_HISTORY_SECONDS")
 
 
+@pytest.fixture
+def pg() -> Iterator[RestartablePostgres]:
+    """A server of this test's own, which it restarts. Its data directory is not under ``tmp_path``:
+    every pytest session that starts meanwhile (the suite runs beside others) resets
+    /tmp/pytest-of-<user> to mode 0700, and the server's own user could then no longer reach its data
+    directory to stop it."""
+    with (
+        tempfile.TemporaryDirectory(prefix="switcher-history-") as directory,
+        restartable_postgres(Path(directory)) as server,
+    ):
+        yield server
+
+
 def _assert_clean(outcome: run.Outcome) -> None:
     figures = outcome.figures
+    bad = {name: found for name, found in outcome.violations.items() if found}
+    if bad:
+        details = "\n".join(
+            f"{name}: {len(found)} violations\n  " + "\n  ".join(v.detail for v in found[:8])
+            for name, found in bad.items()
+        )
+        pytest.fail(f"the history breaks the guarantees:\n{details}", pytrace=False)
     missing = [kind for kind, n in figures["faults"].items() if not n]
     assert not missing, f"every kind of fault was injected at least once, these were not: {missing}"
     assert not figures["crashed_callers"], f"no caller crashed: {figures['crashed_callers']}"
     assert figures["replayed"] >= 1, "some retry of a lost reply replayed its report's answer (H1 exercised)"
-    bad = {name: found for name, found in outcome.violations.items() if found}
-    details = "\n".join(
-        f"{name}: {len(found)} violations\n  " + "\n  ".join(v.detail for v in found[:10])
-        for name, found in bad.items()
-    )
-    assert not bad, f"the history breaks the guarantees:\n{details}"
 
 
-def test_history_under_faults_keeps_every_guarantee(tmp_path: Path) -> None:
-    with restartable_postgres(tmp_path) as pg:
-        outcome = run.run(run.Plan(), pg, tmp_path)
-    _assert_clean(outcome)
+def test_history_under_faults_keeps_every_guarantee(pg: RestartablePostgres, tmp_path: Path) -> None:
+    _assert_clean(run.run(run.Plan(), pg, tmp_path))
 
 
 @pytest.mark.slow
@@ -45,7 +59,7 @@ def test_history_under_faults_keeps_every_guarantee(tmp_path: Path) -> None:
     "SWITCHER_HISTORY_SEED) to run it",
 )
 @pytest.mark.timeout(float(LONG_SECONDS or 0) + 600)
-def test_long_history_under_faults_keeps_every_guarantee(tmp_path: Path) -> None:
+def test_long_history_under_faults_keeps_every_guarantee(pg: RestartablePostgres, tmp_path: Path) -> None:
     seconds = float(LONG_SECONDS or 0)
     seed = int(os.environ.get("SWITCHER_HISTORY_SEED") or time.time_ns() % 2**32)
     print(f"SWITCHER_HISTORY_SEED={seed}")
@@ -59,9 +73,7 @@ def test_long_history_under_faults_keeps_every_guarantee(tmp_path: Path) -> None
         restart_every=2000,
         timeout=seconds + 300,
     )
-    with restartable_postgres(tmp_path) as pg:
-        outcome = run.run(plan, pg, tmp_path)
-    _assert_clean(outcome)
+    _assert_clean(run.run(plan, pg, tmp_path))
 
 
 # -- the checker is not vacuous: hand-made histories that break one rule each ------------------------------

@@ -26,7 +26,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,13 +68,13 @@ class Plan:
     async_callers: int = 2
     coroutines: int = 4
     """Coroutines per async caller."""
-    calls: int | None = 2000
+    calls: int | None = 3000
     """Stop once the proxy has seen this many calls of the switch (the short run)..."""
     seconds: float | None = None
     """... or after this many seconds (the long run)."""
-    kill_every: int = 250
+    kill_every: int = 300
     """Mean number of calls between two kills of a caller."""
-    restart_every: int = 700
+    restart_every: int = 1200
     """Mean number of calls between two PostgreSQL restarts."""
     lose_reply: float = 0.02
     cut_before: float = 0.02
@@ -336,15 +336,12 @@ class Sampler:
 # -- the run -------------------------------------------------------------------------------------------
 
 
-def _positions(rng: random.Random, every: int, until: int) -> list[int]:
-    """Call counts at which a fault happens: gaps drawn uniformly around ``every``."""
-    positions: list[int] = []
+def _positions(rng: random.Random, every: int) -> Iterator[int]:
+    """Call counts at which a fault happens: gaps drawn uniformly around ``every``, without end."""
     at = 0
     while True:
         at += rng.randint(max(1, every // 2), max(1, every * 3 // 2))
-        if at > until:
-            return positions
-        positions.append(at)
+        yield at
 
 
 def setup(url: str) -> None:
@@ -434,9 +431,10 @@ class _Injector:
 
     def __init__(self, plan: Plan, rng: random.Random) -> None:
         self.plan = plan
-        horizon = plan.calls if plan.calls is not None else 10**9
-        self.kills = _positions(random.Random(rng.random()), plan.kill_every, horizon)
-        self.restarts = _positions(random.Random(rng.random()), plan.restart_every, horizon)
+        self._kills = _positions(random.Random(rng.random()), plan.kill_every)
+        self._restarts = _positions(random.Random(rng.random()), plan.restart_every)
+        self.next_kill = next(self._kills)
+        self.next_restart = next(self._restarts)
         self.done: Counter[str] = Counter()
         self.timeline: list[str] = []
         self.started = time.monotonic()
@@ -455,16 +453,16 @@ class _Injector:
     def step(self, proxy: PgProxy, callers: _Callers, pg: RestartablePostgres) -> None:
         """Inject the next fault that is due, or wait (boundedly) for more calls."""
         calls = proxy.figures()["calls"]
-        if self.kills and calls >= self.kills[0]:
-            self.kills.pop(0)
+        if calls >= self.next_kill:
+            self.next_kill = next(self._kills)
             if callers.kill_one(timeout=30):
                 self._did("kill", calls)
-        elif self.restarts and calls >= self.restarts[0]:
-            self.restarts.pop(0)
+        elif calls >= self.next_restart:
+            self.next_restart = next(self._restarts)
             pg.restart()
             self._did("restart", calls)
         else:
-            proxy.wait_for_calls(min([*self.kills[:1], *self.restarts[:1], calls + 50]), timeout=0.5)
+            proxy.wait_for_calls(min(self.next_kill, self.next_restart, calls + 50), timeout=0.5)
 
     def _did(self, fault: str, calls: int) -> None:
         self.done[fault] += 1
