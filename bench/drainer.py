@@ -1,22 +1,13 @@
-"""Benchmark the outbox drainer against real PostgreSQL. Prints figures; asserts nothing about speed.
+"""The drainer's benchmarks: no-op throughput beside PgQueuer (same server, same run), and the latency
+from a switch's commit to its handler, with LISTEN/NOTIFY and with polling only.
 
-    python -m bench.drainer                     # throwaway embedded PostgreSQL
-    python -m bench.drainer --database-url URL  # an existing server (creates and drops its own databases)
-
-Measures, with drainers in separate OS processes:
-  * throughput: a backlog of no-op messages (distinct agents) drained by 1 and by 4 drainer processes,
-    beside PgQueuer draining the same number of no-op jobs with as many worker processes, on the same
-    server in the same run (when ``pgqueuer`` is installed: ``pip install -e .[bench]``);
-  * latency from a switch's commit to its handler starting, with LISTEN/NOTIFY and poll-only.
+PgQueuer (``pip install -e .[bench]``) drains the same number of no-op jobs with as many worker processes,
+using asyncpg, its fastest driver, in drain mode.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
-import os
-import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -24,11 +15,10 @@ from typing import Any
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import URL
 
-from bench.common import CTX, fresh_database, pct
+from bench.common import CTX, Row, fresh_database, pct
 from switcher import FailureKind, Switcher, database_url
-from switcher.drainer import Drainer, DrainerConfig
-from switcher.outbox import RESTART_AGENT, Message
-from switcher.testing import embedded_server
+from switcher.drainer import Claim, Drainer, DrainerConfig
+from switcher.outbox import RESTART_AGENT
 
 CONCURRENCY = 16
 
@@ -37,11 +27,10 @@ def drainer_process(
     url: str, ready: Any, go: Any, *, starts: Any = None, listen: bool = True, poll: float = 0.05
 ) -> None:
     """A drainer with a no-op handler; reports each handler start (id, CLOCK_MONOTONIC) if asked."""
-    engine = create_engine(database_url(url), pool_size=CONCURRENCY + 2)
 
-    def noop(message: Message) -> str:
+    def noop(claim: Claim) -> str:
         if starts is not None:
-            starts.put((message.id, time.monotonic()))
+            starts.put((claim.message.id, time.monotonic()))
         return "noop"
 
     config = DrainerConfig(
@@ -50,39 +39,45 @@ def drainer_process(
         listen=listen,
         lease=timedelta(minutes=5),
     )
-    drainer = Drainer(engine, {RESTART_AGENT: noop}, config)
+    drainer = Drainer.from_url(url, config=config, handlers={RESTART_AGENT: noop, "notify_switch": noop})
     drainer.install_signal_handlers()
-    with engine.connect():
+    with drainer.engine.connect():
         pass  # connected before the start signal
     ready.set()
     go.wait()
     drainer.run()
-    engine.dispose()
+    drainer.close()
 
 
 def fill_backlog(url: str, n: int) -> None:
     with Switcher.from_url(url) as sw:
         sw.migrate()
-        sw.add_subscription("A", credential_ref="env:A")
+        sw.add_subscription("A", credential_ref="env:SWITCHER_CRED_A")
         with sw.engine.begin() as conn:
             conn.execute(
                 text(
                     "INSERT INTO switcher.agents (name, subscription_id) "
-                    "SELECT 'a' || i, 1 FROM generate_series(1, :n) i"
+                    "SELECT 'a' || i, (SELECT id FROM switcher.subscriptions) FROM generate_series(1, :n) i"
                 ),
                 {"n": n},
             )
             conn.execute(
-                text("SELECT switcher.enqueue('restart_agent', id, 1, '{}'::jsonb) FROM switcher.agents")
+                text(
+                    "SELECT switcher.enqueue_v2('restart_agent', id, 1, '{}'::jsonb, 'switcher_outbox') "
+                    "FROM switcher.agents"
+                )
             )
 
 
 def done_count(url: str) -> int:
     engine = create_engine(database_url(url), poolclass=pool.NullPool)
-    with engine.connect() as conn:
-        return int(
-            conn.execute(text("SELECT count(*) FROM switcher.outbox WHERE status = 'done'")).scalar_one()
-        )
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(text("SELECT count(*) FROM switcher.outbox WHERE status = 'done'")).scalar_one()
+            )
+    finally:
+        engine.dispose()
 
 
 def start_ready(target: Any, url: str, processes: int) -> tuple[list[Any], Any]:
@@ -169,13 +164,14 @@ def pgqueuer_throughput(server: URL, processes: int, n: int) -> float | None:
 
 
 def latency(server: URL, listen: bool, samples: int) -> list[float]:
+    """Seconds from a switch's commit to its handler's start, one idle drainer."""
     with fresh_database(server, "switcher_bench") as db:
         url = db.render_as_string(hide_password=False)
         with Switcher.from_url(url) as sw:
             sw.migrate()
             sw.set_cooldown_window(0)
             for name in "AB":
-                sw.add_subscription(name, credential_ref=f"env:{name}")
+                sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}")
             sw.add_agent("alice", subscription="A")
             ready, go, starts = CTX.Event(), CTX.Event(), CTX.Queue()
             proc = CTX.Process(
@@ -195,45 +191,39 @@ def latency(server: URL, listen: bool, samples: int) -> list[float]:
                 message_id, started = starts.get(timeout=60)
                 assert message_id == result.restart_id
                 out.append(started - committed)
-                # wait until it is done, so the next switch gets a fresh message
-                while done_count(url) < len(out):
+                while done_count(url) < len(out):  # the next switch gets a fresh message
                     time.sleep(0.001)
             proc.terminate()
             proc.join(60)
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def run(server: URL, quick: bool = False) -> list[Row]:
+    messages = 2_000 if quick else 5_000
+    rows = []
+    for processes in (1, 4):
+        ours = switcher_throughput(server, processes, messages)
+        theirs = pgqueuer_throughput(server, processes, messages)
+        rows.append(
+            Row(
+                f"drainer no-op msg/s, {processes} process(es) / PgQueuer",
+                ours,
+                theirs,
+                "per s",
+                ">= 1.5",
+                f"{messages} messages, {CONCURRENCY} handler threads per drainer; PgQueuer batch 10, asyncpg",
+            )
+        )
+    notify = latency(server, True, 20 if quick else 100)
+    polled = latency(server, False, 10 if quick else 30)
+    rows.append(
+        Row(
+            "commit -> handler start, LISTEN/NOTIFY p50 / poll-only (0.5 s) p50",
+            pct(notify, 50) * 1e3,
+            pct(polled, 50) * 1e3,
+            "ms",
+            "<= 0.1",
+            f"NOTIFY p99 {pct(notify, 99) * 1e3:.2f} ms",
+        )
     )
-    parser.add_argument("--database-url", default=os.environ.get("SWITCHER_BENCH_DATABASE_URL"))
-    parser.add_argument("--messages", type=int, default=5000)
-    parser.add_argument("--samples", type=int, default=100)
-    args = parser.parse_args()
-    with contextlib.ExitStack() as stack:
-        server = (
-            database_url(args.database_url)
-            if args.database_url
-            else stack.enter_context(embedded_server()).url
-        )
-        print(
-            f"{os.cpu_count()} CPUs; {args.messages} no-op messages; {CONCURRENCY} handler threads per drainer\n"
-        )
-        print("throughput (messages/s)")
-        print(f"  {'processes':>9}  {'switcher':>9}  {'PgQueuer':>9}  {'ratio':>5}")
-        for processes in (1, 4):
-            ours = switcher_throughput(server, processes, args.messages)
-            theirs = pgqueuer_throughput(server, processes, args.messages)
-            ratio = f"{ours / theirs:5.2f}" if theirs else "  n/a"
-            theirs_s = f"{theirs:9.0f}" if theirs else "  (none)"
-            print(f"  {processes:>9}  {ours:>9.0f}  {theirs_s}  {ratio}")
-        print("\ncommit -> handler start latency, one idle drainer")
-        for listen, label in ((True, "LISTEN/NOTIFY"), (False, "poll-only (0.5 s)")):
-            lat = latency(server, listen, args.samples)
-            print(f"  {label:<18} p50 {pct(lat, 50) * 1e3:7.2f} ms   p99 {pct(lat, 99) * 1e3:7.2f} ms")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return rows

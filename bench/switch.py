@@ -1,52 +1,80 @@
-"""Benchmark the switch against real PostgreSQL. Prints figures; asserts nothing about speed.
+"""The switch's benchmarks: each figure beside a reference measured in the same run, on the same server.
 
-    python -m bench.switch                      # throwaway embedded PostgreSQL
-    python -m bench.switch --database-url URL   # an existing server (creates and drops its own databases)
+* throughput at 1 and 8 clients (switches of distinct agents per second) beside ``pgbench -b tpcb-like``;
+* the database function alone, driven by ``pgbench -f`` at 8 clients, beside tpcb-like at 8 clients;
+* the latency of one switch with 20,000 (and 100,000) agents registered beside 2,000;
+* a herd of 200 agents onto 3 subscriptions capped at 70, from 8 processes: time until all are settled;
+* a burst of 64 concurrent reports of one agent's failure beside 64 concurrent reports of 64 agents.
 
-Measures, in separate OS processes started together on a barrier:
-  * throughput: switches per second on distinct agents at 1 and 8 clients, beside
-    ``pgbench -b tpcb-like`` at the same client counts on the same server (when pgbench is installed);
-  * burst: 64 concurrent reports of one failure of one agent from 8 processes -> switches (must be 1)
-    and call latency p50/p99, against the single-switch latency;
-  * herd: 200 agents on one subscription failing at once from 8 processes, onto capacity-limited
-    alternatives -> all switched, capacity respected, latency p50/p99 and time to settle.
+Client processes open (and use once) their connections before the start signal, as a running backend's
+pool would have: the figures are of switches, not of connecting or of PostgreSQL planning a function's
+statements in a brand-new session.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
-import os
-import re
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import create_engine, pool, text
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from bench.common import fresh_database, pct, run_processes
-from switcher import AsyncSwitcher, FailureKind, Outcome, Switcher, database_url
-from switcher.testing import embedded_server
+from bench.common import Row, fresh_database, pct, pgbench, pgbench_init, run_processes
+from switcher import AsyncSwitcher, FailureKind, Outcome, Switcher
 
 RL = FailureKind.RATE_LIMIT
+AGENTS_PER_CLIENT = 100
 
 
-# --- workers (run in child processes) -------------------------------------------------------------
+def setup(
+    url: str, subscriptions: dict[str, int | None], agents: dict[str, str], cooldown: float = 0
+) -> None:
+    with Switcher.from_url(url) as sw:
+        sw.migrate()
+        sw.set_cooldown_window(cooldown)
+        for name, cap in subscriptions.items():
+            sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}", max_agents=cap)
+        for agent, sub in agents.items():
+            sw.add_agent(agent, subscription=sub, container=f"agent-{agent}")
+
+
+def bulk_agents(url: str, prefix: str, count: int, subscription: str) -> None:
+    """``count`` agents on ``subscription`` in one statement (the load triggers count them), then a VACUUM
+    ANALYZE, as autovacuum would have done by then."""
+    with Switcher.from_url(url) as sw:
+        with sw.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO switcher.agents (name, subscription_id) "
+                    "SELECT :prefix || g, (SELECT id FROM switcher.subscriptions WHERE name = :sub) "
+                    "FROM generate_series(1, :count) g ON CONFLICT (name) DO NOTHING"
+                ),
+                {"prefix": prefix, "sub": subscription, "count": count},
+            )
+        with sw.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+
+
+# -- throughput --------------------------------------------------------------------------------------
 
 
 def throughput_worker(barrier: Any, url: str, agents: list[str], seconds: float) -> tuple[int, list[float]]:
-    """Switch its own agents round-robin for ``seconds``; return (switches, latency of every call)."""
+    """Switch its own agents round-robin for ``seconds``; (switches, latency of every call)."""
     current = dict.fromkeys(agents, "A")
     latencies: list[float] = []
     switches = 0
     with Switcher.from_url(url, pool_size=1) as sw:
-        sw.settings()
+
+        def call(agent: str) -> Any:
+            result = sw.handle_failure(agent, current[agent], RL, "429 Too Many Requests")
+            current[agent] = result.new_subscription or current[agent]
+            return result
+
+        for agent in agents[:10]:  # warm the session
+            call(agent)
         barrier.wait()
         deadline = time.perf_counter() + seconds
         i = 0
@@ -54,29 +82,96 @@ def throughput_worker(barrier: Any, url: str, agents: list[str], seconds: float)
             agent = agents[i % len(agents)]
             i += 1
             start = time.perf_counter()
-            result = sw.handle_failure(agent, current[agent], RL, "429 Too Many Requests")
+            result = call(agent)
             latencies.append(time.perf_counter() - start)
-            # With a zero cooldown window a concurrent failure can still make every alternative "cooling"
-            # for an instant (NO_ALTERNATIVE); only real switches are counted.
             switches += result.outcome is Outcome.SWITCHED
-            current[agent] = result.new_subscription or current[agent]
     return switches, latencies
 
+
+def switch_throughput(server: URL, clients: int, seconds: float) -> tuple[float, float]:
+    """(switches per second, p50 latency)."""
+    with fresh_database(server, "switcher_bench") as db:
+        url = db.render_as_string(hide_password=False)
+        agents = {f"t{c}-{i}": "A" for c in range(clients) for i in range(AGENTS_PER_CLIENT)}
+        setup(url, dict.fromkeys("ABCD"), agents)
+        names = list(agents)
+        results = run_processes(
+            throughput_worker, [(url, names[c::clients], seconds) for c in range(clients)]
+        )
+    latencies = [x for _, lat in results for x in lat]
+    return sum(count for count, _ in results) / seconds, statistics.median(latencies)
+
+
+FUNCTION_SCRIPT = """\\set aid random(1, {agents})
+SELECT outcome FROM switcher.handle_failure_v2(gen_random_uuid()::text, 'p' || :aid, NULL, NULL, 'rate_limit',
+    '429 Too Many Requests', '3000ms', false, NULL, 'switcher_outbox', 'restart_agent', 'notify_switch');
+"""
+
+
+def function_throughput(server: URL, clients: int, seconds: float) -> float:
+    """The database function alone, driven by pgbench (no Python): transactions per second."""
+    with fresh_database(server, "switcher_bench") as db:
+        url = db.render_as_string(hide_password=False)
+        agents = clients * AGENTS_PER_CLIENT
+        setup(url, dict.fromkeys("ABCD"), {})
+        bulk_agents(url, "p", agents, "A")
+        return pgbench(db, clients, seconds, script=FUNCTION_SCRIPT.format(agents=agents))
+
+
+def tpcb(server: URL, clients: list[int], seconds: float) -> dict[int, float]:
+    with fresh_database(server, "switcher_pgbench") as db:
+        pgbench_init(db, max(clients))
+        return {n: pgbench(db, n, seconds) for n in clients}
+
+
+# -- latency against the size of the fleet -----------------------------------------------------------
+
+
+def fleet_latency(server: URL, sizes: list[int], samples: int) -> dict[int, float]:
+    """p50 of one switch (one client, distinct agents) with ``size`` agents, all on the failing
+    subscription, 16 alternatives."""
+    out = {}
+    with fresh_database(server, "switcher_bench") as db:
+        url = db.render_as_string(hide_password=False)
+        setup(url, {f"S{i}": None for i in range(17)}, {}, cooldown=7200)
+        with Switcher.from_url(url, pool_size=1) as sw:
+            for size in sizes:
+                bulk_agents(url, "f", size, "S0")
+                for i in range(1, 21):  # warm the session (and the caches of this fleet's size)
+                    sw.handle_failure(f"f{size - i}", "S0", RL)
+                timings = []
+                for i in range(samples):
+                    start = time.perf_counter()
+                    sw.handle_failure(f"f{size - 100 - i}", "S0", RL)
+                    timings.append(time.perf_counter() - start)
+                out[size] = statistics.median(timings)
+    return out
+
+
+# -- many reports at once ----------------------------------------------------------------------------
 
 Round = tuple[float, float, list[tuple[str, float]]]  # wall start, wall end, (outcome, latency) per call
 
 
 def concurrent_worker(
-    barrier: Any, url: str, rounds: list[list[tuple[str, str]]], pool_size: int
+    barrier: Any, url: str, rounds: list[list[tuple[str, str]]], pool_size: int, warm: list[str], real: str
 ) -> list[Round]:
-    """For each round: wait on the barrier, then report all of the round's failures concurrently."""
+    """Warm each pooled connection with one real switch (W1 -> W2), then, once every process is warm,
+    swap the warm-up subscriptions for the ``real`` alternatives; per round: wait on the barrier, then
+    report all of the round's failures concurrently."""
 
     async def main() -> list[Round]:
         asw = AsyncSwitcher.from_url(
             url, pool_size=pool_size, max_overflow=0, lock_timeout=timedelta(seconds=30)
         )
         try:
-            await asyncio.gather(*(asw.settings() for _ in range(pool_size)))
+            await asyncio.gather(*(asw.handle_failure(agent, "W1", RL) for agent in warm))
+            if await asyncio.to_thread(barrier.wait) == 0:
+                with Switcher.from_url(url) as sw:
+                    for name in ("W1", "W2"):
+                        sw.disable_subscription(name)
+                    for name in real:
+                        sw.enable_subscription(name)
             out = []
             for reports in rounds:
                 await asyncio.to_thread(barrier.wait)
@@ -95,158 +190,145 @@ def concurrent_worker(
     return asyncio.run(main())
 
 
-# --- driver -----------------------------------------------------------------------------------------
-
-
-def libpq_env(url: URL) -> dict[str, str]:
-    env = dict(os.environ)
-    host = url.query.get("host") or url.host
-    for key, value in (
-        ("PGHOST", host),
-        ("PGPORT", url.port),
-        ("PGUSER", url.username),
-        ("PGPASSWORD", url.password),
-        ("PGDATABASE", url.database),
-    ):
-        if value:
-            env[key] = str(value)
-    return env
-
-
-def pgbench_tps(url: URL, clients: list[int], seconds: float) -> dict[int, float] | None:
-    pgbench = shutil.which("pgbench")
-    if pgbench is None:
-        return None
-    env = libpq_env(url)
-    subprocess.run([pgbench, "-i", "-q", "-s", str(max(clients))], env=env, check=True, capture_output=True)
-    out: dict[int, float] = {}
-    for n in clients:
-        run = subprocess.run(
-            [pgbench, "-b", "tpcb-like", "-n", "-c", str(n), "-j", str(n), "-T", str(int(seconds))],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        match = re.search(r"tps = ([\d.]+)", run.stdout)
-        out[n] = float(match.group(1)) if match else float("nan")
-    return out
-
-
-def setup(url: str, subscriptions: dict[str, int | None], agents: dict[str, str]) -> None:
+def setup_concurrent(
+    url: str,
+    home: str,
+    alternatives: dict[str, int | None],
+    agents: list[str],
+    processes: int,
+    pool_size: int,
+) -> list[list[str]]:
+    """``agents`` on ``home``; the ``alternatives`` registered disabled, and warm-up subscriptions W1, W2
+    with one warm-up agent per pooled connection; the warm-up agents' names, per process."""
+    setup(url, {home: None}, dict.fromkeys(agents, home))
+    names = [[f"warm{p}-{i}" for i in range(pool_size)] for p in range(processes)]
     with Switcher.from_url(url) as sw:
-        sw.migrate()
-        sw.set_cooldown_window(0)  # the throughput loop moves agents back and forth on purpose
-        for name, cap in subscriptions.items():
-            sw.add_subscription(name, credential_ref=f"env:TOKEN_{name}", max_agents=cap)
-        for agent, sub in agents.items():
-            sw.add_agent(agent, subscription=sub, container=f"agent-{agent}")
+        for name, cap in alternatives.items():
+            sw.add_subscription(
+                name, credential_ref=f"env:SWITCHER_CRED_{name}", max_agents=cap, enabled=False
+            )
+        for name in ("W1", "W2"):
+            sw.add_subscription(name, credential_ref="env:SWITCHER_CRED_W")
+        for group in names:
+            for agent in group:
+                sw.add_agent(agent, subscription="W1")
+    return names
 
 
-AGENTS_PER_CLIENT = 100
-
-
-def bench_throughput(server: URL, clients: list[int], seconds: float) -> float:
-    """Print the throughput table; return the single-client median latency."""
-    rows = []
-    for n in clients:
-        with fresh_database(server, "switcher_bench") as db:
-            url = db.render_as_string(hide_password=False)
-            agents = {f"t{c}-{i}": "A" for c in range(n) for i in range(AGENTS_PER_CLIENT)}
-            setup(url, dict.fromkeys("ABCD"), agents)
-            names = list(agents)
-            per_client = [names[c::n] for c in range(n)]
-            results = run_processes(throughput_worker, [(url, own, seconds) for own in per_client])
-        latencies = [x for _, lat in results for x in lat]
-        rows.append((n, sum(count for count, _ in results) / seconds, latencies))
-    with fresh_database(server, "switcher_pgbench") as db:
-        pgb = pgbench_tps(db, clients, seconds)
-
-    print(
-        f"throughput: distinct agents ({AGENTS_PER_CLIENT} per client), each call a switch among 4 subscriptions"
-    )
-    print(
-        f"  {'clients':>7}  {'switches/s':>10}  {'p50 ms':>7}  {'p99 ms':>7}  {'pgbench tps':>11}  {'ratio':>5}"
-    )
-    for n, rate, latencies in rows:
-        ref = pgb.get(n) if pgb else None
-        ratio = f"{rate / ref:5.2f}" if ref else "  n/a"
-        ref_s = f"{ref:11.0f}" if ref else "     (none)"
-        p50, p99 = pct(latencies, 50) * 1e3, pct(latencies, 99) * 1e3
-        print(f"  {n:>7}  {rate:>10.0f}  {p50:>7.2f}  {p99:>7.2f}  {ref_s}  {ratio}")
-    return statistics.median(rows[0][2])
-
-
-def bench_burst(server: URL, rounds: int, single_latency: float) -> None:
-    """Concurrent reports of one failure of one agent from 8 processes, per round: the required 64
-    (8 coroutines each), and 8 (one each) to show how much of the latency is client-side queueing.
-    A first, unmeasured round warms the connections (PL/pgSQL compiles a function once per session)."""
-    print(
-        f"\nburst: concurrent reports of one failure of one agent from 8 processes, {rounds} rounds + warm-up"
-    )
-    print(f"  single-switch latency {single_latency * 1e3:.2f} ms (p50, 1 client)")
-    for per_process in (8, 1):
-        with fresh_database(server, "switcher_bench") as db:
-            url = db.render_as_string(hide_password=False)
-            setup(url, {"A": None, "B": None}, {f"burst{r}": "A" for r in range(rounds + 1)})
-            reports = [[(f"burst{r}", "A")] * per_process for r in range(rounds + 1)]
-            results = run_processes(concurrent_worker, [(url, reports, per_process)] * 8)
-        switched = {sum(o == "switched" for p in results for o, _ in p[r][2]) for r in range(rounds + 1)}
-        latencies = [t for p in results for rnd in p[1:] for _, t in rnd[2]]
-        p50, p99 = pct(latencies, 50), pct(latencies, 99)
-        print(
-            f"  {8 * per_process:>3} reports (8 x {per_process}): switches per burst {sorted(switched)} (must be [1]); "
-            f"p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms = {p99 / single_latency:.1f}x single"
-        )
-
-
-def bench_herd(server: URL, agents: int = 200, cap: int = 70) -> None:
-    """A subscription hits its limit: all its agents fail at once, onto capacity-limited alternatives."""
+def herd(server: URL, agents: int = 200, cap: int = 70, processes: int = 8) -> tuple[float, str]:
+    """Seconds from the start signal until all ``agents`` are settled; a detail line."""
     with fresh_database(server, "switcher_bench") as db:
         url = db.render_as_string(hide_password=False)
-        herd = [f"h{i:03d}" for i in range(agents)]
-        setup(url, {"H": None, "X": cap, "Y": cap, "Z": cap}, dict.fromkeys(herd, "H"))
-        results = run_processes(
-            concurrent_worker, [(url, [[(a, "H") for a in herd[p::8]]], 10) for p in range(8)]
-        )
+        names = [f"h{i:03d}" for i in range(agents)]
+        pool_size = 4
+        warm = setup_concurrent(url, "H", dict.fromkeys("XYZ", cap), names, processes, pool_size)
+        args = [
+            (url, [[(a, "H") for a in names[p::processes]]], pool_size, warm[p], "XYZ")
+            for p in range(processes)
+        ]
+        results = run_processes(concurrent_worker, args)
         settle = max(p[0][1] for p in results) - min(p[0][0] for p in results)
         with Switcher.from_url(url) as sw:
-            loads = {s.name: s.assigned for s in sw.subscriptions()}
+            loads = {s.name: s.assigned for s in sw.subscriptions() if s.name in "XYZ"}
     outcomes = [o for p in results for o, _ in p[0][2]]
     latencies = [t for p in results for _, t in p[0][2]]
-    respected = all(v <= cap for k, v in loads.items() if k != "H")
-    print(
-        f"\nherd: {agents} agents on one subscription fail at once from 8 processes; alternatives capped at {cap}"
+    respected = all(v <= cap for v in loads.values())
+    detail = (
+        f"switched {outcomes.count('switched')}/{agents}; loads {loads}; caps respected: {respected}; "
+        f"call p50 {pct(latencies, 50) * 1e3:.1f} ms, p99 {pct(latencies, 99) * 1e3:.1f} ms"
     )
-    print(f"  switched {outcomes.count('switched')}/{agents}; loads {loads}; caps respected: {respected}")
-    p50, p99 = pct(latencies, 50) * 1e3, pct(latencies, 99) * 1e3
-    print(
-        f"  call latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; all settled {settle:.2f} s after the start signal"
+    return settle, detail
+
+
+def burst(server: URL, rounds: int, processes: int = 8, per_process: int = 8) -> tuple[float, float, str]:
+    """p99 of 64 concurrent reports of one agent's failure, and p99 of 64 concurrent reports of 64
+    agents' failures, alternating rounds from the same processes; a detail line."""
+    with fresh_database(server, "switcher_bench") as db:
+        url = db.render_as_string(hide_password=False)
+        total = processes * per_process
+        agents = [f"burst{r}" for r in range(rounds)] + [
+            f"solo{r}-{i}" for r in range(rounds) for i in range(total)
+        ]
+        warm = setup_concurrent(url, "A", {"B": None, "C": None}, agents, processes, per_process)
+        plan: list[list[list[tuple[str, str]]]] = [[] for _ in range(processes)]
+        for r in range(rounds):
+            for p in range(processes):
+                plan[p].append([(f"burst{r}", "A")] * per_process)
+                plan[p].append([(f"solo{r}-{p * per_process + i}", "A") for i in range(per_process)])
+        args = [(url, plan[p], per_process, warm[p], "BC") for p in range(processes)]
+        results = run_processes(concurrent_worker, args)
+    one_agent = [t for p in results for rnd in p[0::2] for _, t in rnd[2]]
+    many_agents = [t for p in results for rnd in p[1::2] for _, t in rnd[2]]
+    switched = sorted({sum(o == "switched" for p in results for o, _ in p[2 * r][2]) for r in range(rounds)})
+    detail = (
+        f"switches per burst of one agent {switched} (must be [1]); one agent p50 "
+        f"{pct(one_agent, 50) * 1e3:.1f} ms p99 {pct(one_agent, 99) * 1e3:.1f} ms; 64 agents p50 "
+        f"{pct(many_agents, 50) * 1e3:.1f} ms p99 {pct(many_agents, 99) * 1e3:.1f} ms"
     )
+    return pct(one_agent, 99), pct(many_agents, 99), detail
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+# -- all of it ---------------------------------------------------------------------------------------
+
+
+def run(server: URL, seconds: float = 5.0, quick: bool = False) -> list[Row]:
+    rows = []
+    reference = tpcb(server, [1, 8], seconds)
+    for clients in (1, 8):
+        rate, p50 = switch_throughput(server, clients, seconds)
+        target = ">= 1.0" if clients == 1 else ">= 0.8"
+        rows.append(
+            Row(
+                f"switches/s, distinct agents, {clients} client(s) / pgbench tpcb-like",
+                rate,
+                reference[clients],
+                "per s",
+                target,
+                f"p50 {p50 * 1e3:.2f} ms",
+            )
+        )
+    rows.append(
+        Row(
+            "pgbench -f handle_failure_v2, 8 clients / tpcb-like 8 clients",
+            function_throughput(server, 8, seconds),
+            reference[8],
+            "per s",
+            ">= 0.8",
+        )
     )
-    parser.add_argument("--database-url", default=os.environ.get("SWITCHER_BENCH_DATABASE_URL"))
-    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
-    parser.add_argument("--burst-rounds", type=int, default=5)
-    args = parser.parse_args()
-
-    with contextlib.ExitStack() as stack:
-        if args.database_url:
-            server = database_url(args.database_url)
-        else:
-            server = stack.enter_context(embedded_server()).url
-        with create_engine(server, poolclass=pool.NullPool).connect() as conn:
-            version = conn.execute(text("SHOW server_version")).scalar()
-        print(f"PostgreSQL {version}; {os.cpu_count()} CPUs; Python {sys.version.split()[0]}\n")
-        single = bench_throughput(server, [1, 8], args.seconds)
-        bench_burst(server, args.burst_rounds, single)
-        bench_herd(server)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sizes = [2_000, 20_000] if quick else [2_000, 20_000, 100_000]
+    p50 = fleet_latency(server, sizes, samples=200)
+    at_100k = f"; at 100,000 agents p50 {p50[100_000] * 1e3:.2f} ms" if 100_000 in p50 else ""
+    rows.append(
+        Row(
+            "p50 of one switch, 20,000 agents / 2,000 agents",
+            p50[20_000] * 1e3,
+            p50[2_000] * 1e3,
+            "ms",
+            "<= 1.2",
+            f"2,000: {p50[2_000] * 1e3:.2f} ms; 20,000: {p50[20_000] * 1e3:.2f} ms{at_100k}",
+        )
+    )
+    settle, detail = herd(server)
+    rows.append(
+        Row(
+            "herd of 200 onto 3 x 70 capped, 8 processes: seconds to settle / 0.25 s",
+            settle,
+            0.25,
+            "s",
+            "<= 1.0",
+            detail,
+        )
+    )
+    one, many, detail = burst(server, rounds=3 if quick else 5)
+    rows.append(
+        Row(
+            "burst p99: 64 reports of one agent / 64 reports of 64 agents",
+            one * 1e3,
+            many * 1e3,
+            "ms",
+            "<= 3.0",
+            detail,
+        )
+    )
+    return rows

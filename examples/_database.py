@@ -23,16 +23,13 @@ def database_url() -> Iterator[str]:
 
 def register(sw: Switcher, agent: str, subscriptions: dict[str, str], container: str) -> None:
     """Register the subscriptions (name: credential reference) and the agent on the first of them, as an
-    operator would (or `switcher subscription add`); on a rerun, put the agent back on the first one."""
+    operator would (or `switcher subscription add`). On a rerun the agent is registered afresh: the
+    examples run no drainer, and a new execution waits for an undelivered restart of its agent."""
     sw.migrate()
     existing = {s.name for s in sw.subscriptions()}
     for name, credential_ref in subscriptions.items():
         if name not in existing:
             sw.add_subscription(name, credential_ref=credential_ref)
-    first = next(iter(subscriptions))
-    try:
-        sw.agent(agent)
-    except UnknownAgent:
-        sw.add_agent(agent, subscription=first, container=container)
-    else:
-        sw.assign(agent, first)
+    with contextlib.suppress(UnknownAgent):
+        sw.remove_agent(agent)
+    sw.add_agent(agent, subscription=next(iter(subscriptions)), container=container)

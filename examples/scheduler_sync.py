@@ -1,6 +1,6 @@
 """A scheduler (sync API): a task failed with a rate limit; ask switcher to move its agent.
 
-    .venv/bin/python examples/scheduler_sync.py   # SWITCHER_DATABASE_URL, or an embedded PostgreSQL
+.venv/bin/python examples/scheduler_sync.py   # SWITCHER_DATABASE_URL, or an embedded PostgreSQL
 """
 
 from __future__ import annotations

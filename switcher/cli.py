@@ -202,7 +202,13 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 @option("--database-url", metavar="URL", help="PostgreSQL URL (postgresql://user:pw@host/db)")
 @option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO")
 @option("--log-format", type=click.Choice(("text", "json")), default="text", help="json: one object a line")
-@option("--json", "as_json", is_flag=True, envvar="SWITCHER_JSON", help="print JSON instead of tables (errors too)")
+@option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar="SWITCHER_JSON",
+    help="print JSON instead of tables (errors too)",
+)
 @click.version_option(version("switcher"), prog_name="switcher", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, database_url: str | None, log_level: str, log_format: str, as_json: bool) -> None:
@@ -263,6 +269,7 @@ def status(app: App, watch: bool, interval: float) -> None:
                 current = sw.status()
                 click.echo("\x1b[H\x1b[2J", nl=False)  # home, clear screen
                 _print_status(app, current, live=True)
+                sys.stdout.flush()  # a frame at a time, even into a pipe
                 time.sleep(interval)
 
 

@@ -8,8 +8,10 @@ of the agent -- a chat, a scheduled task -- for as long as the block runs:
 * the registration is renewed every ``ttl / 3`` while the block runs and expires ``ttl`` after the last
   renewal if the process dies, so a restart is never held up for longer than that by a dead holder;
 * before a drainer stops the agent's container, it waits until the agent has no live execution (up to
-  its ``--drain-timeout``); while it restarts the agent, new executions wait for it, up to
-  ``gate_timeout``, then raise ``AgentRestarting``. A hot reload waits for nothing and holds up nothing.
+  its ``--drain-timeout``);
+* a new execution does not start while a restart of its agent is pending or running (it would run on
+  the old credential under the new snapshot): it waits, up to ``gate_timeout``, then raises
+  ``AgentRestarting``. A hot reload holds it up only for as long as the reload takes.
 
 How the two sides avoid racing is described in ``sql/executions.sql``.
 """
@@ -21,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -28,10 +31,11 @@ from typing import TYPE_CHECKING, Any, Self
 from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError
 
-from . import sql, validate
+from . import metrics, sql, validate
 from .errors import AgentRestarting, UnknownAgent
 from .model import FailureKind, SwitchResult
 from .operations import Context, Operation
+from .outbox import RESTART_AGENT
 
 if TYPE_CHECKING:
     from .api import AsyncSwitcher, Switcher
@@ -41,22 +45,32 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = timedelta(minutes=10)
 DEFAULT_GATE_TIMEOUT = timedelta(seconds=30)
 LOCK_NOT_AVAILABLE = "55P03"
+RESTART_ENQUEUED = "SW002"
 
 
 def _enter(ctx: Context, agent: str, holder: str, ttl: timedelta, gate_timeout: timedelta) -> Row[Any]:
-    wait = f"{max(1, round(gate_timeout.total_seconds() * 1000))}ms"  # 0 would mean "forever"
-    try:
-        row = ctx.db.enter_execution(agent, holder=holder, ttl=ttl, gate_timeout=wait)
-    except DBAPIError as error:
-        if sql.sqlstate(error) == LOCK_NOT_AVAILABLE:
-            raise AgentRestarting(
-                f"agent {agent!r} is being restarted by a drainer; gave up after gate_timeout "
-                f"({gate_timeout.total_seconds():g} s), try again shortly"
-            ) from None
-        raise
-    if row is None:
-        raise UnknownAgent(agent)
-    return row
+    started = time.monotonic()
+    deadline = started + gate_timeout.total_seconds()
+    while True:
+        remaining = timedelta(seconds=max(0.0, deadline - time.monotonic()))
+        try:
+            row = ctx.db.enter_execution(
+                agent, holder=holder, ttl=ttl, gate_timeout=remaining, restart_kind=RESTART_AGENT
+            )
+        except DBAPIError as error:
+            if sql.sqlstate(error) == RESTART_ENQUEUED:
+                continue  # the database waits for that restart on the next try; nothing to sleep here
+            if sql.sqlstate(error) == LOCK_NOT_AVAILABLE:
+                metrics.GATE_WAIT_SECONDS.labels("restarting").observe(time.monotonic() - started)
+                raise AgentRestarting(
+                    f"agent {agent!r} is being restarted by a drainer; gave up after gate_timeout "
+                    f"({gate_timeout.total_seconds():g} s), try again shortly"
+                ) from None
+            raise
+        if row is None:
+            raise UnknownAgent(agent)
+        metrics.GATE_WAIT_SECONDS.labels("entered").observe(time.monotonic() - started)
+        return row
 
 
 def _renew(ctx: Context, execution_id: int, ttl: timedelta) -> bool:

@@ -134,10 +134,11 @@ class Registry:
     # -- executions and the restart gate ---------------------------------------------------------------
 
     def enter_execution(
-        self, agent: str, *, holder: str, ttl: timedelta, gate_timeout: str
+        self, agent: str, *, holder: str, ttl: timedelta, gate_timeout: timedelta, restart_kind: str
     ) -> Row[Any] | None:
-        """Register an execution once the agent's gate is open; None for an unknown agent. Raises
-        ``lock_not_available`` when the gate stays closed for ``gate_timeout``."""
+        """Register an execution once no restart of the agent is pending or running and its gate is open;
+        None for an unknown agent. Raises ``lock_not_available`` after ``gate_timeout``, and ``SW002``
+        when a restart was enqueued while it registered."""
         return self._one(
             "enter",
             _EXECUTIONS,
@@ -146,6 +147,7 @@ class Registry:
             ttl=ttl,
             gate_timeout=gate_timeout,
             gate_class=GATE_LOCK_CLASS,
+            restart_kind=restart_kind,
         )
 
     def renew_execution(self, execution_id: int, ttl: timedelta) -> bool:
@@ -154,9 +156,11 @@ class Registry:
     def leave_execution(self, execution_id: int) -> None:
         self.conn.execute(_EXECUTIONS["leave"], {"id": execution_id})
 
-    def close_gate(self, agent_id: int) -> None:
-        """Hold the agent's gate on this connection (session-level) until ``open_gate``."""
-        self.conn.execute(_EXECUTIONS["close_gate"], {"gate_class": GATE_LOCK_CLASS, "agent_id": agent_id})
+    def close_gate(self, agent_id: int, lock_timeout: str) -> None:
+        """Hold the agent's gate on this autocommit connection (session-level) until ``open_gate``. Raises
+        ``lock_not_available`` after ``lock_timeout``."""
+        params = {"gate_class": GATE_LOCK_CLASS, "agent_id": agent_id, "lock_timeout": lock_timeout}
+        self.conn.execute(_EXECUTIONS["close_gate"], params)
 
     def open_gate(self, agent_id: int) -> None:
         self.conn.execute(_EXECUTIONS["open_gate"], {"gate_class": GATE_LOCK_CLASS, "agent_id": agent_id})

@@ -58,8 +58,13 @@ class Options:
 
     @property
     def lock_timeout_setting(self) -> str:
-        """The value of PostgreSQL's ``lock_timeout`` for these options."""
-        return f"{max(1, round(self.lock_timeout.total_seconds() * 1000))}ms"
+        """PostgreSQL's ``lock_timeout`` for these options, spelled as ``SHOW lock_timeout`` spells it (the
+        largest unit that divides it), so the switch can tell that a session has it already."""
+        ms = max(1, round(self.lock_timeout.total_seconds() * 1000))
+        for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1_000)):
+            if ms % size == 0:
+                return f"{ms // size}{unit}"
+        return f"{ms}ms"
 
 
 @dataclass(frozen=True, slots=True)

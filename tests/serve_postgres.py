@@ -1,6 +1,6 @@
 """A throwaway embedded PostgreSQL for shell scripts: prints its URL, serves until stdin closes.
 
-    exec 3< <(.venv/bin/python tests/serve_postgres.py); read -r url <&3
+exec 3< <(.venv/bin/python tests/serve_postgres.py); read -r url <&3
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ The module ends by printing the suite's figures: faults injected per kind, agent
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -41,7 +42,6 @@ SUBSCRIPTIONS = "ABCDEFGH"
 SECRETS = {f"SWITCHER_CRED_{name}": f"secret-{name.lower()}-d1" for name in SUBSCRIPTIONS}
 LEASE = timedelta(seconds=6)
 STOP_TIMEOUT = timedelta(seconds=2)
-DIRECT = "unix:///var/run/docker.sock"
 SEED = int(os.environ.get("SWITCHER_FAULT_SEED", "20240611"))
 SETTLE_TIMEOUT = 120.0
 
@@ -64,6 +64,7 @@ KILLED_AT = {
 KILLED_STOPPED = "kill -9 after create, container stopped before"
 OUTAGE = "Docker unreachable mid-recreate"
 PG_RESTART = "PostgreSQL restarted mid-recreate"
+PAUSED = "drainer paused past its lease, its create sent late"
 
 
 @pytest.fixture(autouse=True)
@@ -288,6 +289,14 @@ def finished_attempts(sw: Switcher) -> int:
     return sum(r.attempts - (r.status == "running") for r in restart_rows(sw))
 
 
+def _reached_or_settled(rule: Rule, sw: Switcher) -> bool:
+    return rule.reached.is_set() or settled(sw)
+
+
+def _attempts_at_least(sw: Switcher, attempts: int) -> bool:
+    return finished_attempts(sw) >= attempts
+
+
 def arm(proxy: DockerProxy, step: str, how: Literal["hold", "notify"] = "hold") -> Rule:
     method, pattern = STEPS[step]
     return proxy.hold(method, pattern) if how == "hold" else proxy.notify(method, pattern)
@@ -313,14 +322,17 @@ class Fault:
     kind: str
     """The figure it counts under."""
     step: str
-    inject: Literal["kill", "outage", "postgres_restart"]
+    inject: Literal["kill", "outage", "postgres_restart", "pause"]
     how: Literal["hold", "notify"] = "hold"
     stopped: bool = False
     """The container is stopped before the delivery."""
+    ignores_term: bool = False
+    """The agent ignores SIGTERM: ``docker stop`` lasts its whole timeout, then kills it."""
 
 
 FAULTS = [
-    Fault("a-killed-during-stop", KILLED_AT["stop"], "stop", "kill", how="notify"),
+    # The agent ignores SIGTERM, so the stop is still running in dockerd when the kill lands.
+    Fault("a-killed-during-stop", KILLED_AT["stop"], "stop", "kill", how="notify", ignores_term=True),
     Fault("b-killed-after-stop-before-rename", KILLED_AT["rename"], "rename", "kill"),
     Fault("c-killed-after-rename-before-create", KILLED_AT["create"], "create", "kill"),
     Fault("d-killed-after-create-before-start", KILLED_AT["start"], "start", "kill"),
@@ -329,6 +341,9 @@ FAULTS = [
     Fault("g-postgres-restarted-at-create", PG_RESTART, "create", "postgres_restart"),
     # Stopped: no stop and no start; the step after create is removing the parked container.
     Fault("h-stopped-killed-after-create", KILLED_STOPPED, "remove", "kill", stopped=True),
+    # D6 as D1 sees it: a drainer frozen (SIGSTOP) with its create held loses its lease to a fresh one;
+    # thawed, its create reaches Docker after all, past the fence it passed before sending it.
+    Fault("i-paused-past-lease-create-sent-late", PAUSED, "create", "pause"),
 ]
 
 
@@ -362,7 +377,8 @@ def test_a_fault_mid_recreate_leaves_the_agent_as_it_was_with_the_switch_applied
     figures: Figures,
 ) -> None:
     with database(request, fault, tmp_path) as (sw, url, server):
-        container = agent_container("d1-alice")
+        command = ["sh", "-c", "trap '' TERM; sleep 2147483647 & wait"] if fault.ignores_term else None
+        container = agent_container("d1-alice", command=command)
         if fault.stopped:
             container.stop(timeout=5)
         for name in "AB":
@@ -403,6 +419,23 @@ def _inject(
         proxy.clear()  # drops the held request: Docker never sees it
         drainers_.start(proxy.base_url)  # a fresh drainer, through the (now healthy) proxy
         settle(sw)
+    elif fault.inject == "pause":
+        os.kill(request_seen.pid, signal.SIGSTOP)
+        try:
+            at = where(docker_client, container)
+            late = False
+            drainers_.start(proxy.base_url)
+            # The fresh drainer claims the message once the frozen one's lease ran out (and then waits for
+            # the agent's gate, which the frozen one holds).
+            wait_for(
+                lambda: (r := restart_rows(sw)[0]).attempts >= 2 and r.status == "running",
+                timeout=90,
+                what="the message taken over by the fresh drainer",
+            )
+        finally:
+            os.kill(request_seen.pid, signal.SIGCONT)
+        rule.release()
+        settle(sw)
     elif fault.inject == "outage":
         proxy.unreachable = True  # cuts the held create with every other connection
         at = where(docker_client, container)
@@ -441,8 +474,10 @@ def test_randomized_faults_across_agents_and_drainers(
     fleet: Callable[[str], Fleet],
     figures: Figures,
 ) -> None:
-    """6 agents (2 of them stopped), several switches each, 3 drainer processes through the proxy;
-    drainers killed at steps a seeded generator picks, and one Docker outage."""
+    """6 agents (2 of them stopped), a switch of each per round, 3 drainer processes through the proxy;
+    each round a drainer is killed at one step of a recreate (in an order a seeded generator picks, the
+    drainer the one whose request reaches the proxy first), or Docker goes away once. Rounds do not wait
+    for the previous one to settle, so faults land on recoveries too."""
     rng = random.Random(SEED)
     sw.set_cooldown_window(0)  # every report may switch, however often
     for name in SUBSCRIPTIONS:
@@ -455,7 +490,7 @@ def test_randomized_faults_across_agents_and_drainers(
             container.stop(timeout=5)
         sw.add_agent(agent, subscription=SUBSCRIPTIONS[i], container=container.name)
 
-    plan: list[str] = rng.sample(list(STEPS), 4)  # the steps where a drainer is killed, in this order
+    plan: list[str] = rng.sample(list(STEPS), len(STEPS))  # a drainer killed at each step, in this order
     plan.insert(rng.randrange(len(plan) + 1), "outage")
     print(f"\n[D1] randomized run, seed {SEED}: plan {plan}, stopped {sorted(stopped)}")
 
@@ -474,7 +509,7 @@ def test_randomized_faults_across_agents_and_drainers(
             if sw.handle_failure(agent, sw.agent(agent).subscription, RL, "429").switched:
                 switches += 1
         wait_for(
-            lambda rule=rule: rule.reached.is_set() or settled(sw),
+            functools.partial(_reached_or_settled, rule, sw),
             timeout=SETTLE_TIMEOUT,
             what=f"round {number}: {fault} placed",
         )
@@ -486,7 +521,7 @@ def test_randomized_faults_across_agents_and_drainers(
             before = finished_attempts(sw)
             proxy.unreachable = True
             wait_for(
-                lambda before=before: finished_attempts(sw) >= before + 3,
+                functools.partial(_attempts_at_least, sw, before + 3),
                 timeout=90,
                 what="failed attempts while Docker is away",
             )

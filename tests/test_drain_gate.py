@@ -23,6 +23,7 @@ from switcher import AsyncSwitcher, FailureKind, Outcome, Switcher
 from switcher.drainer import Backoff, Drainer, DrainerConfig
 from switcher.errors import AgentRestarting
 from switcher.registry import GATE_LOCK_CLASS
+from switcher.runtime import Delivery, Runtime
 from switcher.runtime.docker import DockerConfig
 from tests.conftest import restart_rows, wait_for
 from tests.drainers import ctx
@@ -58,11 +59,10 @@ def hold_execution(url: str, agent: str, ttl: float, entered: Any, release: Any,
     out.put(("left",))
 
 
-def try_execution(url: str, agent: str, gate_timeout: float, ready: Any, out: Any) -> None:
+def try_execution(url: str, agent: str, gate_timeout: float, out: Any) -> None:
     """Try to start an execution of ``agent``; report what happened and how long it took."""
     with Switcher.from_url(url) as sw:
         sw.settings()  # connected before the clock starts
-        ready.set()
         started = time.monotonic()
         try:
             with sw.execution(agent, gate_timeout=timedelta(seconds=gate_timeout)) as ex:
@@ -81,7 +81,8 @@ def holder(url: str, agent: str = "alice", ttl: float = 60.0) -> Iterator[tuple[
         assert entered.wait(WAIT), "the holder process entered its execution"
         yield process, release, out
     finally:
-        release.set()
+        if process.is_alive():  # never set an Event a killed process was waiting on: that set would hang
+            release.set()
         process.join(WAIT)
         if process.is_alive():
             process.kill()
@@ -91,14 +92,25 @@ def holder(url: str, agent: str = "alice", ttl: float = 60.0) -> Iterator[tuple[
 # -- a drainer, in a thread of this process (so its metrics can be read here) -------------------------------
 
 
+class Applied:
+    """A runtime for agents without a container: records each delivery as applied, at once."""
+
+    def apply(self, delivery: Delivery) -> str:
+        delivery.applied()
+        return "applied"
+
+
 @contextlib.contextmanager
-def drainer(url: str, drain_timeout: timedelta) -> Iterator[Drainer]:
+def drainer(url: str, drain_timeout: timedelta, runtime: Runtime | None = None) -> Iterator[Drainer]:
+    """A real drainer recreating real containers (or delivering through ``runtime``)."""
     config = DrainerConfig(
         poll_interval=timedelta(seconds=0.2),
         backoff=Backoff(timedelta(milliseconds=50), timedelta(seconds=1)),
         lease=timedelta(seconds=30),
     )
-    drainer = Drainer.from_url(url, config=config, docker=RECREATE, drain_timeout=drain_timeout)
+    drainer = Drainer.from_url(
+        url, config=config, docker=RECREATE, runtime=runtime, drain_timeout=drain_timeout
+    )
     thread = threading.Thread(target=drainer.run, name="test-drainer")
     thread.start()
     try:
@@ -129,7 +141,9 @@ def gate_closed(sw: Switcher, agent: str = "alice") -> bool:
 def live_executions(sw: Switcher) -> int:
     with sw.engine.connect() as conn:
         return int(
-            conn.execute(text("SELECT count(*) FROM switcher.executions WHERE expires_at > now()")).scalar_one()
+            conn.execute(
+                text("SELECT count(*) FROM switcher.executions WHERE expires_at > now()")
+            ).scalar_one()
         )
 
 
@@ -142,6 +156,15 @@ def _done(sw: Switcher) -> Any:
     return wait_for(lambda: (r := _restart(sw)).status == "done" and r, timeout=WAIT, what="restart done")
 
 
+def _settled(sw: Switcher) -> None:
+    """Wait until every restart message is finished: the agent's assignment is delivered."""
+    wait_for(
+        lambda: all(r.status in ("done", "superseded") for r in restart_rows(sw)),
+        timeout=WAIT,
+        what="the assignment delivered",
+    )
+
+
 def _draining(sw: Switcher) -> None:
     """Wait until the drainer is demonstrably delivering (row running) and waiting at the closed gate."""
     wait_for(lambda: _restart(sw).status == "running", timeout=WAIT, what="the drainer claimed the restart")
@@ -149,8 +172,9 @@ def _draining(sw: Switcher) -> None:
 
 
 def _untouched(docker_client: Any, container: Any) -> None:
-    now = docker_client.containers.get(container.name)
-    assert now.id == container.id and now.status == "running", (
+    found = docker_client.containers.list(all=True, filters={"id": container.id})
+    now = found[0] if found else None
+    assert now is not None and now.name == container.name and now.status == "running", (
         "D3: while an execution lives, the container is neither stopped nor replaced"
     )
 
@@ -162,7 +186,7 @@ def _drain_waits(outcome: str) -> tuple[float, float]:
     return count, total
 
 
-# -- the tests ------------------------------------------------------------------------------------------------
+# -- the tests ---------------------------------------------------------------------------------------------
 
 
 def test_a_live_execution_in_another_process_holds_up_the_recreate_until_it_ends(
@@ -203,13 +227,15 @@ def test_a_new_execution_waits_at_the_closed_gate_then_raises_agent_restarting(
         sw.handle_failure("alice", "A", RL, "429")
         with drainer(url, drain_timeout=timedelta(minutes=10)):
             _draining(sw)  # the old execution keeps the drainer in its drain wait, the gate closed
-            ready, out = ctx.Event(), ctx.Queue()
-            latecomer = ctx.Process(target=try_execution, args=(url, "alice", 1.0, ready, out))
+            out = ctx.Queue()
+            latecomer = ctx.Process(target=try_execution, args=(url, "alice", 1.0, out))
             latecomer.start()
             outcome, message, waited = out.get(timeout=WAIT)
             latecomer.join(WAIT)
             assert latecomer.exitcode == 0
-            assert outcome == "restarting", f"D3: an execution during the restart raises AgentRestarting: {message}"
+            assert outcome == "restarting", (
+                f"D3: an execution during the restart raises AgentRestarting: {message}"
+            )
             assert "being restarted" in message and "gate_timeout" in message, f"a clear message: {message}"
             assert waited >= 0.95, f"D3: it waited its gate_timeout (1 s) first, not {waited:.2f} s"
             assert waited < 30, f"D3: and not much longer ({waited:.2f} s)"
@@ -230,7 +256,7 @@ def test_a_killed_holders_execution_expires_after_its_ttl_and_the_restart_procee
     _setup(sw, container.name)
     drained_before, _ = _drain_waits("drained")
     timed_out_before, _ = _drain_waits("timed_out")
-    with holder(url, ttl=2.0) as (process, _release, _out):
+    with holder(url, ttl=3.0) as (process, _release, _out):
         sw.handle_failure("alice", "A", RL, "429")
         # The drain timeout is far beyond this test's bounds: only the execution's expiry can free it.
         with drainer(url, drain_timeout=timedelta(minutes=10)):
@@ -267,27 +293,33 @@ def test_the_drain_timeout_bounds_the_wait_for_an_execution_that_never_ends(
     waited = total - sum_before
     assert count == count_before + 1, "D3: the timed-out drain is counted"
     assert drain_timeout <= waited <= drain_timeout + 10, (
-        f"D3: the recreate waited the drain timeout ({drain_timeout} s) and then proceeded, not {waited:.2f} s"
+        f"D3: the recreate waited the drain timeout ({drain_timeout} s), then proceeded; not {waited:.2f} s"
     )
 
 
-def test_an_execution_reports_with_its_snapshot_and_an_older_generation_is_stale(sw: Switcher) -> None:
+def test_an_execution_reports_with_its_snapshot_and_an_older_generation_is_stale(
+    sw: Switcher, url: str
+) -> None:
     _setup(sw, None)
-    with sw.execution("alice") as old:
-        assert (old.subscription, old.generation) == ("A", 0), "the snapshot is the agent's assignment"
-        assert sw.assign("alice", "B").generation == 1
-        back = sw.assign("alice", "A")
-        assert (sw.current_subscription("alice"), back.generation) == ("A", 2), "alice is back on A"
+    # Assignments are delivered as they happen (the agent has no container), so that no execution below
+    # starts while a restart is pending.
+    with drainer(url, timedelta(minutes=1), runtime=Applied()):
+        with sw.execution("alice") as old:
+            assert (old.subscription, old.generation) == ("A", 0), "the snapshot is the agent's assignment"
+            assert sw.assign("alice", "B").generation == 1
+            back = sw.assign("alice", "A")
+            assert (sw.current_subscription("alice"), back.generation) == ("A", 2), "alice is back on A"
 
-        stale = old.report_failure(RL, "429 from the first stint on A")
-        assert stale.outcome is Outcome.STALE, (
-            f"G2/D3: a report from generation 0 is stale, though alice is on A again: {stale}"
-        )
-        assert sw.current_subscription("alice") == "A", "and it moved nothing"
+            stale = old.report_failure(RL, "429 from the first stint on A")
+            assert stale.outcome is Outcome.STALE, (
+                f"G2/D3: a report from generation 0 is stale, though alice is on A again: {stale}"
+            )
+            assert sw.current_subscription("alice") == "A", "and it moved nothing"
 
-    with sw.execution("alice") as ex:
-        assert (ex.subscription, ex.generation) == ("A", 2), "a new execution runs under the current snapshot"
-        result = ex.report_failure(RL, "429")
+        _settled(sw)
+        with sw.execution("alice") as ex:
+            assert (ex.subscription, ex.generation) == ("A", 2), "a new execution runs under the current one"
+            result = ex.report_failure(RL, "429")
     assert result.outcome is Outcome.SWITCHED, f"D3: a report with the current snapshot switches: {result}"
     assert (result.old_subscription, result.generation) == ("A", 3)
     assert sw.current_subscription("alice") == result.new_subscription != "A"
@@ -304,13 +336,15 @@ def test_the_async_door_reports_with_its_snapshot(sw: Switcher, url: str) -> Non
                 await asw.assign("alice", "B")
                 await asw.assign("alice", "A")
                 stale = await old.report_failure(FailureKind.AUTH, "401 from an earlier generation")
+            await asyncio.to_thread(_settled, sw)
             async with asw.execution("alice") as ex:
                 switched = await ex.report_failure(FailureKind.AUTH, "401")
         finally:
             await asw.close()
         return stale, switched, snapshot
 
-    stale, switched, snapshot = asyncio.run(main())
+    with drainer(url, timedelta(minutes=1), runtime=Applied()):
+        stale, switched, snapshot = asyncio.run(main())
     assert snapshot == ("A", 0), "async execution: the snapshot is the agent's assignment"
     assert stale.outcome is Outcome.STALE, f"async: a report from an older generation is stale: {stale}"
     assert switched.outcome is Outcome.SWITCHED and switched.old_subscription == "A", (

@@ -33,7 +33,7 @@ def pg() -> Iterator[RestartablePostgres]:
         yield server
 
 
-def _assert_clean(outcome: run.Outcome) -> None:
+def _assert_clean(outcome: run.RunResult) -> None:
     figures = outcome.figures
     bad = {name: found for name, found in outcome.violations.items() if found}
     if bad:

@@ -114,7 +114,8 @@ def test_a_0001_database_with_data_is_upgraded_with_its_load_counted(engine: Any
         downgrade(conn, "0001")
         conn.execute(
             text(
-                "INSERT INTO switcher.subscriptions (name, credential_ref) VALUES ('A', 'env:A'), ('B', 'env:B');"
+                "INSERT INTO switcher.subscriptions (name, credential_ref) "
+                "VALUES ('A', 'env:A'), ('B', 'env:B');"
                 "INSERT INTO switcher.agents (name, subscription_id) "
                 "SELECT 'agent' || g, 1 FROM generate_series(1, 40) g;"
                 "INSERT INTO switcher.failures (agent_id, subscription_id, kind, message) "

@@ -305,3 +305,25 @@ def test_a_report_survives_a_lost_pooled_connection(url: str) -> None:
         # The pooled connection is dead; the report reconnects and goes through (reports are idempotent).
         assert sw.handle_failure("alice", "A", RL).outcome is Outcome.SWITCHED
         assert sw.current_subscription("alice") == "B", "and it was committed"
+
+
+@pytest.mark.parametrize(
+    ("timeout", "spelled"),
+    [
+        (timedelta(seconds=3), "3s"),
+        (timedelta(milliseconds=1500), "1500ms"),
+        (timedelta(minutes=2), "2min"),
+        (timedelta(hours=1), "1h"),
+        (timedelta(microseconds=10), "1ms"),
+    ],
+)
+def test_lock_timeout_is_spelled_as_postgresql_shows_it(
+    sw: Switcher, timeout: timedelta, spelled: str
+) -> None:
+    setting = Options(lock_timeout=timeout).lock_timeout_setting
+    assert setting == spelled
+    with sw.engine.connect() as conn:
+        conn.execute(text("SELECT set_config('lock_timeout', :v, false)"), {"v": setting})
+        assert conn.execute(text("SHOW lock_timeout")).scalar() == setting, (
+            "so sessions that have it skip SET"
+        )

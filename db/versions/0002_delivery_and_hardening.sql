@@ -513,31 +513,59 @@ $$
 
 -- upgrade: function enter_execution_v2
 CREATE FUNCTION switcher.enter_execution_v2(
-    p_agent text, p_holder text, p_ttl interval, p_gate_timeout text, p_gate_class integer,
+    p_agent text, p_holder text, p_ttl interval, p_gate_timeout interval, p_gate_class integer,
+    p_restart_kind text,
     OUT execution_id bigint, OUT subscription text, OUT agent_generation bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
--- Register an execution once the agent's gate is open; its snapshot is read after the gate, so it is
--- what the restarted container runs. Waiting longer than p_gate_timeout raises lock_not_available.
+-- Register an execution once no restart of the agent is pending or running and its gate is open; the
+-- snapshot is read in the same statement that registers it. Raises lock_not_available after
+-- p_gate_timeout; SW002 when a restart was enqueued while it registered (the caller tries again).
 -- No row: unknown agent.
 DECLARE
     v_agent_id bigint;
     v_lock_timeout text := current_setting('lock_timeout');
+    v_deadline timestamptz := clock_timestamp() + p_gate_timeout;
+    v_pause float8 := 0.005;
 BEGIN
     SELECT a.id INTO v_agent_id FROM switcher.agents a WHERE a.name = p_agent;
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    PERFORM set_config('lock_timeout', p_gate_timeout, true);
+    -- Holding nothing while it waits: each check is a new statement, which sees what has committed.
+    WHILE EXISTS (SELECT FROM switcher.outbox o
+                  WHERE o.agent_id = v_agent_id AND o.kind = p_restart_kind
+                    AND o.status IN ('pending', 'running')) LOOP
+        IF clock_timestamp() >= v_deadline THEN
+            RAISE EXCEPTION 'agent % is restarting', p_agent USING ERRCODE = 'lock_not_available';
+        END IF;
+        PERFORM pg_sleep(v_pause);
+        v_pause := least(v_pause * 2, 0.1);
+    END LOOP;
+    PERFORM set_config('lock_timeout',
+        greatest(1, ceil(extract(epoch FROM v_deadline - clock_timestamp()) * 1000))::bigint || 'ms', true);
     PERFORM pg_advisory_xact_lock_shared(p_gate_class, (v_agent_id % 2147483648)::integer);
     PERFORM set_config('lock_timeout', v_lock_timeout, true);
-    INSERT INTO switcher.executions (agent_id, generation, holder, expires_at)
-    SELECT a.id, a.generation, p_holder, now() + p_ttl FROM switcher.agents a WHERE a.id = v_agent_id
-    RETURNING executions.id, executions.generation INTO execution_id, agent_generation;
-    SELECT s.name INTO subscription
-    FROM switcher.agents a JOIN switcher.subscriptions s ON s.id = a.subscription_id
-    WHERE a.id = v_agent_id;
+    WITH snapshot AS (
+        SELECT a.id, a.generation, s.name
+        FROM switcher.agents a LEFT JOIN switcher.subscriptions s ON s.id = a.subscription_id
+        WHERE a.id = v_agent_id
+          AND NOT EXISTS (SELECT FROM switcher.outbox o
+                          WHERE o.agent_id = a.id AND o.kind = p_restart_kind
+                            AND o.status IN ('pending', 'running'))
+    ), registered AS (
+        INSERT INTO switcher.executions (agent_id, generation, holder, expires_at)
+        SELECT snapshot.id, snapshot.generation, p_holder, now() + p_ttl FROM snapshot
+        RETURNING executions.id, executions.generation
+    )
+    SELECT registered.id, registered.generation, snapshot.name
+    INTO execution_id, agent_generation, subscription
+    FROM registered, snapshot;
+    IF execution_id IS NULL THEN
+        RAISE EXCEPTION 'a restart of agent % was enqueued while it registered', p_agent
+            USING ERRCODE = 'SW002';
+    END IF;
 END
 $$
 
@@ -600,7 +628,7 @@ DROP FUNCTION switcher.assign_v2(text, text, text, text, text, text),
               switcher.add_load_shards_v2(),
               switcher.track_load_v2(),
               switcher.eligible_v2(bigint, interval, bigint),
-              switcher.enter_execution_v2(text, text, interval, text, integer),
+              switcher.enter_execution_v2(text, text, interval, interval, integer, text),
               switcher.enqueue_v2(text, bigint, bigint, jsonb, text)
 
 -- downgrade: the new tables

@@ -38,7 +38,11 @@ def check(
     checks = []
 
     per_burst = {
-        (index, agent): sum(1 for i, _, a, _, o in answers if i == index and a == agent and o == "switched")
+        (index, agent): sum(
+            1
+            for i, _, a, is_late, o in answers
+            if i == index and a == agent and not is_late and o == "switched"
+        )
         for index, phase in enumerate(PHASES)
         for agent in phase.bursts
     }

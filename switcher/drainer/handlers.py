@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
-from .. import metrics
+from .. import metrics, sql
 from ..credentials import CredentialPolicy
 from ..errors import Undeliverable
 from ..http import post_json
@@ -35,6 +36,9 @@ from .leases import Abandoned, Claim
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Claim], str]
+GATE_WAIT = "1s"
+"""How long one wait for an agent's gate lasts before the drainer checks it still holds its lease."""
+LOCK_NOT_AVAILABLE = "55P03"
 Handlers = Mapping[str, Handler]
 
 
@@ -92,13 +96,28 @@ class AgentDelivery:
         # process dies, until PostgreSQL notices the connection is gone).
         with self.engine.connect() as conn:
             registry = Registry(conn)
-            registry.close_gate(self.agent_id)
+            self._close_gate(registry)
             try:
                 self._wait_for_executions(registry)
                 yield
             finally:
-                if not conn.invalidated:
+                # A connection lost meanwhile (PostgreSQL restarted) took the lock with it.
+                with contextlib.suppress(DBAPIError):
                     registry.open_gate(self.agent_id)
+
+    def _close_gate(self, registry: Registry) -> None:
+        """Take the gate. Executions registering hold it shared for a moment; another drainer holding it
+        (one that lost this message but still runs) is waited for a while -- its fenced steps stop it
+        soon -- then this attempt fails, to be retried."""
+        deadline = time.monotonic() + self.claim.leases.lease.total_seconds() / 3
+        while True:
+            try:
+                registry.close_gate(self.agent_id, GATE_WAIT)
+                return
+            except DBAPIError as error:
+                if sql.sqlstate(error) != LOCK_NOT_AVAILABLE or time.monotonic() >= deadline:
+                    raise
+            self.claim.fence()
 
     def _wait_for_executions(self, registry: Registry) -> None:
         started = time.monotonic()

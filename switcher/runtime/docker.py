@@ -225,7 +225,12 @@ class DockerRuntime:
         except OSError as error:
             raise ReloadFailed(f"reload command did not finish within {timeout:g} s ({error})") from None
         finally:
-            raw.close()
+            # The exec's HTTP response still holds the socket: closing our reference would leave the
+            # descriptor open until garbage collection. Detach it and close the descriptor itself.
+            if isinstance(raw, socket.socket):
+                socket.close(raw.detach())
+            else:
+                raw.close()
         while (status := api.exec_inspect(exec_id))["Running"] and time.monotonic() < deadline:
             time.sleep(0.05)
         if status["ExitCode"] != 0:

@@ -97,7 +97,7 @@ class CallerSpec:
 
 
 @dataclass
-class Outcome:
+class RunResult:
     """What a run produced: the history, its figures, and the violations per check."""
 
     history: checker.History
@@ -469,7 +469,7 @@ class _Injector:
         self.timeline.append(f"{fault}@{calls} calls/{time.monotonic() - self.started:.1f}s")
 
 
-def run(plan: Plan, pg: RestartablePostgres, workdir: Path, say: Callable[[str], None] = print) -> Outcome:
+def run(plan: Plan, pg: RestartablePostgres, workdir: Path, say: Callable[[str], None] = print) -> RunResult:
     """Run ``plan`` against ``pg`` (a fresh server), then read and check the history."""
     url = pg.migrated_database()
     setup(url)
@@ -520,11 +520,12 @@ def run(plan: Plan, pg: RestartablePostgres, workdir: Path, say: Callable[[str],
         "sampler_errors": sampler.errors,
         "stuck_callers": stuck,
         "crashed_callers": [n for n, code in callers.exit_codes if code not in (0, -signal.SIGKILL)],
-        "timeline": injector.timeline,
+        "timeline": injector.timeline[:12]
+        + ([f"... {len(injector.timeline) - 12} more"] if len(injector.timeline) > 12 else []),
         "violations": {name: len(found) for name, found in violations.items()},
     }
     say("history figures:\n" + "\n".join(f"  {key}: {value}" for key, value in figures.items()))
-    return Outcome(history, figures, violations)
+    return RunResult(history, figures, violations)
 
 
 def read_history(url: str, logs: Path, samples: list[checker.Sample]) -> checker.History:
