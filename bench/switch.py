@@ -61,8 +61,14 @@ def bulk_agents(url: str, prefix: str, count: int, subscription: str) -> None:
 # -- throughput --------------------------------------------------------------------------------------
 
 
+WARM_UP = 2.0
+"""Seconds every throughput run (ours and pgbench's) runs unmeasured first: the figures are of a running
+system, not of one whose tables and caches are still empty."""
+
+
 def throughput_worker(barrier: Any, url: str, agents: list[str], seconds: float) -> tuple[int, list[float]]:
-    """Switch its own agents round-robin for ``seconds``; (switches, latency of every call)."""
+    """Switch its own agents round-robin, ``WARM_UP`` seconds unmeasured, then ``seconds``; (switches,
+    latency of every call)."""
     current = dict.fromkeys(agents, "A")
     latencies: list[float] = []
     switches = 0
@@ -73,11 +79,14 @@ def throughput_worker(barrier: Any, url: str, agents: list[str], seconds: float)
             current[agent] = result.new_subscription or current[agent]
             return result
 
-        for agent in agents[:10]:  # warm the session
-            call(agent)
+        barrier.wait()
+        i = 0
+        warm = time.perf_counter() + WARM_UP
+        while time.perf_counter() < warm:
+            call(agents[i % len(agents)])
+            i += 1
         barrier.wait()
         deadline = time.perf_counter() + seconds
-        i = 0
         while time.perf_counter() < deadline:
             agent = agents[i % len(agents)]
             i += 1
@@ -103,9 +112,13 @@ def switch_throughput(server: URL, clients: int, seconds: float) -> tuple[float,
 
 
 FUNCTION_SCRIPT = """\\set aid random(1, {agents})
-SELECT outcome FROM switcher.handle_failure_v2(gen_random_uuid()::text, 'p' || :aid, NULL, NULL, 'rate_limit',
-    '429 Too Many Requests', '3000ms', false, NULL, 'switcher_outbox', 'restart_agent', 'notify_switch');
+SELECT wake::int AS wake, restart_id FROM switcher.handle_failure_v2(gen_random_uuid()::text, 'p' || :aid, NULL, NULL,
+    'rate_limit', '429 Too Many Requests', '3s', false, NULL, NULL, 'restart_agent', 'notify_switch') \\gset
+\\if :wake
+SELECT pg_notify('switcher_outbox', :restart_id::text);
+\\endif
 """
+"""What ``Switcher.handle_failure`` sends, without Python: the function, then the wake-up after commit."""
 
 
 def function_throughput(server: URL, clients: int, seconds: float) -> float:
@@ -115,12 +128,15 @@ def function_throughput(server: URL, clients: int, seconds: float) -> float:
         agents = clients * AGENTS_PER_CLIENT
         setup(url, dict.fromkeys("ABCD"), {})
         bulk_agents(url, "p", agents, "A")
-        return pgbench(db, clients, seconds, script=FUNCTION_SCRIPT.format(agents=agents))
+        script = FUNCTION_SCRIPT.format(agents=agents)
+        pgbench(db, clients, WARM_UP, script=script)
+        return pgbench(db, clients, seconds, script=script)
 
 
 def tpcb(server: URL, clients: list[int], seconds: float) -> dict[int, float]:
     with fresh_database(server, "switcher_pgbench") as db:
         pgbench_init(db, max(clients))
+        pgbench(db, max(clients), WARM_UP)
         return {n: pgbench(db, n, seconds) for n in clients}
 
 
@@ -128,23 +144,23 @@ def tpcb(server: URL, clients: list[int], seconds: float) -> dict[int, float]:
 
 
 def fleet_latency(server: URL, sizes: list[int], samples: int) -> dict[int, float]:
-    """p50 of one switch (one client, distinct agents) with ``size`` agents, all on the failing
-    subscription, 16 alternatives."""
+    """p50 of one switch (one client, distinct agents) with ``size`` agents registered, all on the failing
+    subscription, 16 alternatives; a database of its own for each size."""
     out = {}
-    with fresh_database(server, "switcher_bench") as db:
-        url = db.render_as_string(hide_password=False)
-        setup(url, {f"S{i}": None for i in range(17)}, {}, cooldown=7200)
-        with Switcher.from_url(url, pool_size=1) as sw:
-            for size in sizes:
-                bulk_agents(url, "f", size, "S0")
-                for i in range(1, 21):  # warm the session (and the caches of this fleet's size)
+    for size in sizes:
+        with fresh_database(server, "switcher_bench") as db:
+            url = db.render_as_string(hide_password=False)
+            setup(url, {f"S{i}": None for i in range(17)}, {}, cooldown=7200)
+            bulk_agents(url, "f", size, "S0")
+            with Switcher.from_url(url, pool_size=1) as sw:
+                for i in range(1, 21):  # warm the session
                     sw.handle_failure(f"f{size - i}", "S0", RL)
                 timings = []
                 for i in range(samples):
                     start = time.perf_counter()
                     sw.handle_failure(f"f{size - 100 - i}", "S0", RL)
                     timings.append(time.perf_counter() - start)
-                out[size] = statistics.median(timings)
+            out[size] = statistics.median(timings)
     return out
 
 

@@ -66,6 +66,9 @@ class _Door(Operations, Generic[E, X]):
                 f"got {type(engine).__name__}"
             )
         self.engine: E = engine
+        # Reports run in autocommit mode (one statement each); on the host's engine that means switching
+        # a pooled connection to autocommit and back for every call. from_url gives them a pool of their own.
+        self._autocommit: E = engine.execution_options(isolation_level="AUTOCOMMIT")
         options: dict[str, Any] = {"lock_timeout": lock_timeout, "max_retries": max_retries}
         if policy is not None:
             options["policy"] = policy
@@ -99,8 +102,22 @@ class _Door(Operations, Generic[E, X]):
         connect_args = dict(engine_options.pop("connect_args", {}))
         # Sessions start with the switch's lock_timeout, so the switch need not set it on every call.
         connect_args.setdefault("options", f"-c lock_timeout={options.lock_timeout_setting}")
-        engine = cls._create_engine(database_url(url), connect_args=connect_args, **engine_options)
-        return cls(engine, lock_timeout=lock_timeout, policy=policy, max_retries=max_retries)
+        url = database_url(url)
+        door = cls(
+            cls._create_engine(url, connect_args=connect_args, **engine_options),
+            lock_timeout=lock_timeout,
+            policy=policy,
+            max_retries=max_retries,
+        )
+        # Connections that are in autocommit mode from birth: nothing to set or reset around a report.
+        door._autocommit = cls._create_engine(
+            url,
+            connect_args=connect_args,
+            isolation_level="AUTOCOMMIT",
+            pool_reset_on_return=None,
+            **engine_options,
+        )
+        return door
 
     def execution(
         self,
@@ -142,11 +159,11 @@ class Switcher(_Door[Engine, Execution]):
         if operation.mode == "transaction":
             with self.engine.begin() as conn:
                 return operation.body(Context(conn, self.options), *args, **kwargs)
-        with self.engine.connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT")
+        with self._autocommit.connect() as conn:
             return operation.body(Context(conn, self.options), *args, **kwargs)
 
     def close(self) -> None:
+        self._autocommit.dispose()
         self.engine.dispose()
 
     def __enter__(self) -> Self:
@@ -192,11 +209,11 @@ class AsyncSwitcher(_Door[AsyncEngine, AsyncExecution]):
         if operation.mode == "transaction":
             async with self.engine.begin() as conn:
                 return await conn.run_sync(body)
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with self._autocommit.connect() as conn:
             return await conn.run_sync(body)
 
     async def close(self) -> None:
+        await self._autocommit.dispose()
         await self.engine.dispose()
 
     async def __aenter__(self) -> Self:

@@ -100,6 +100,7 @@ class Operation(Generic[P, T]):
             return door._call(self, args, kwargs)
 
         method.__signature__ = self.signature  # type: ignore[attr-defined]
+        door.__dict__[self.name] = method  # made once per door: the next lookup finds it there
         return method
 
 

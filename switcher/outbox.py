@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from . import sql
 from .errors import InvalidInput, UnknownAgent
 
-_QUERIES = sql.load("outbox").queries
+_QUERIES = sql.load("outbox")
 
 NOTIFY_CHANNEL = "switcher_outbox"
 """Every enqueue sends NOTIFY on this channel (payload: the message id); drainers LISTEN to it."""
@@ -91,7 +91,7 @@ class Outbox:
         self.conn = conn
 
     def _run(self, query: str, **params: Any) -> Any:
-        return self.conn.execute(_QUERIES[query], params)
+        return _QUERIES.run(self.conn, query, **params)
 
     # -- writing messages ------------------------------------------------------------------------------
 
@@ -123,6 +123,10 @@ class Outbox:
                 channel=NOTIFY_CHANNEL,
             ).scalar_one()
         )
+
+    def wake(self, message_id: int | None) -> None:
+        """Wake the drainers (NOTIFY), once what they are woken for has committed."""
+        self._run("wake", channel=NOTIFY_CHANNEL, message="" if message_id is None else str(message_id))
 
     # -- a drainer's side ------------------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ given (in whatever transaction that connection is in) and returns plain values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -19,9 +18,9 @@ from .errors import InUse
 from .model import Agent, AgentTarget, Settings, Subscription
 from .selection import Candidate
 
-_REGISTRY = sql.load("registry").queries
-_SWITCH = sql.load("switch").queries
-_EXECUTIONS = sql.load("executions").queries
+_REGISTRY = sql.load("registry")
+_SWITCH = sql.load("switch")
+_EXECUTIONS = sql.load("executions")
 
 GATE_LOCK_CLASS = 0x53574754
 """First key of the advisory lock that is an agent's restart gate (the second is the agent's id):
@@ -32,19 +31,19 @@ class Registry:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def _one(self, query: str, queries: Mapping[str, Any] = _REGISTRY, **params: Any) -> Row[Any] | None:
-        return self.conn.execute(queries[query], params).one_or_none()
+    def _one(self, query: str, queries: sql.SqlFile = _REGISTRY, **params: Any) -> Row[Any] | None:
+        return queries.run(self.conn, query, **params).one_or_none()
 
     # -- the switch ------------------------------------------------------------------------------------
 
     def handle_failure(self, **params: Any) -> Row[Any]:
-        return self.conn.execute(_SWITCH["handle_failure"], params).one()
+        return _SWITCH.run(self.conn, "handle_failure", **params).one()
 
     def assign(self, **params: Any) -> Row[Any]:
-        return self.conn.execute(_SWITCH["assign"], params).one()
+        return _SWITCH.run(self.conn, "assign", **params).one()
 
     def candidates(self, agent: str, snapshot: str | None) -> list[Candidate]:
-        rows = self.conn.execute(_SWITCH["candidates"], {"agent": agent, "snapshot": snapshot})
+        rows = _SWITCH.run(self.conn, "candidates", agent=agent, snapshot=snapshot)
         return [Candidate(r.id, r.name, r.priority, r.max_agents, r.load) for r in rows]
 
     # -- subscriptions ---------------------------------------------------------------------------------
@@ -54,7 +53,7 @@ class Registry:
         return self._one("add_subscription", **row) is not None
 
     def subscriptions(self, name: str | None = None) -> list[Subscription]:
-        rows = self.conn.execute(_REGISTRY["subscriptions"], {"name": name})
+        rows = _REGISTRY.run(self.conn, "subscriptions", name=name)
         return [Subscription(**r._mapping) for r in rows]
 
     def set_subscription(
@@ -76,7 +75,7 @@ class Registry:
 
     def reserve_for_agent(self, subscription: str, lock_timeout: str) -> Row[Any] | None:
         """Lock a capacity-limited subscription as a switch onto it would; (id, max_agents, has_room)."""
-        self.conn.execute(_REGISTRY["set_lock_timeout"], {"lock_timeout": lock_timeout})
+        _REGISTRY.run(self.conn, "set_lock_timeout", lock_timeout=lock_timeout)
         return self._one("reserve_for_agent", name=subscription)
 
     def add_agent(self, **row: Any) -> bool:
@@ -84,7 +83,7 @@ class Registry:
         return self._one("add_agent", **row) is not None
 
     def agents(self, name: str | None = None) -> list[Agent]:
-        return [Agent(**r._mapping) for r in self.conn.execute(_REGISTRY["agents"], {"name": name})]
+        return [Agent(**r._mapping) for r in _REGISTRY.run(self.conn, "agents", name=name)]
 
     def remove_agent(self, name: str) -> bool:
         return self._one("remove_agent", name=name) is not None
@@ -119,7 +118,7 @@ class Registry:
         return Settings(**row._mapping)
 
     def recent_switches(self, limit: int) -> list[dict[str, Any]]:
-        rows = self.conn.execute(_REGISTRY["recent_switches"], {"limit": limit})
+        rows = _REGISTRY.run(self.conn, "recent_switches", limit=limit)
         return [dict(r._mapping) for r in rows]
 
     def prune(self, batch: int) -> dict[str, int]:
@@ -129,7 +128,7 @@ class Registry:
         return dict(row._mapping)
 
     def load_drift(self) -> list[Row[Any]]:
-        return list(self.conn.execute(_REGISTRY["load_drift"]))
+        return list(_REGISTRY.run(self.conn, "load_drift"))
 
     # -- executions and the restart gate ---------------------------------------------------------------
 
@@ -154,19 +153,19 @@ class Registry:
         return self._one("renew", _EXECUTIONS, id=execution_id, ttl=ttl) is not None
 
     def leave_execution(self, execution_id: int) -> None:
-        self.conn.execute(_EXECUTIONS["leave"], {"id": execution_id})
+        _EXECUTIONS.run(self.conn, "leave", id=execution_id)
 
     def close_gate(self, agent_id: int, lock_timeout: str) -> None:
         """Hold the agent's gate on this autocommit connection (session-level) until ``open_gate``. Raises
         ``lock_not_available`` after ``lock_timeout``."""
         params = {"gate_class": GATE_LOCK_CLASS, "agent_id": agent_id, "lock_timeout": lock_timeout}
-        self.conn.execute(_EXECUTIONS["close_gate"], params)
+        _EXECUTIONS.run(self.conn, "close_gate", **params)
 
     def open_gate(self, agent_id: int) -> None:
-        self.conn.execute(_EXECUTIONS["open_gate"], {"gate_class": GATE_LOCK_CLASS, "agent_id": agent_id})
+        _EXECUTIONS.run(self.conn, "open_gate", gate_class=GATE_LOCK_CLASS, agent_id=agent_id)
 
     def live_executions(self, agent_id: int) -> int:
-        return int(self.conn.execute(_EXECUTIONS["live_executions"], {"agent_id": agent_id}).scalar_one())
+        return int(_EXECUTIONS.run(self.conn, "live_executions", agent_id=agent_id).scalar_one())
 
     def forget_expired_executions(self) -> int:
-        return self.conn.execute(_EXECUTIONS["forget_expired"]).rowcount
+        return _EXECUTIONS.run(self.conn, "forget_expired").rowcount

@@ -14,6 +14,7 @@ the database stores with the failure it records, so the retry finds its own earl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,11 +26,12 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from . import sql, validate
 from .errors import CapacityExceeded, InvalidInput, SwitchBusy, UnknownAgent, UnknownSubscription
 from .model import FailureKind, Outcome, SwitchResult
-from .outbox import NOTIFY_CHANNEL, NOTIFY_SWITCH, RESTART_AGENT
+from .outbox import NOTIFY_CHANNEL, NOTIFY_SWITCH, RESTART_AGENT, Outbox
 from .registry import Registry
 from .selection import BuiltinPolicy, LeastLoaded, SelectionPolicy
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 RETRIED_SQLSTATES = frozenset({"40P01", "40001"})
 LOCK_NOT_AVAILABLE = "55P03"
@@ -90,7 +92,7 @@ def report_failure(db: Registry, report: Report, options: Options, *, joined: bo
         "kind": report.kind.value,
         "message": report.message,
         "lock_timeout": options.lock_timeout_setting,
-        "channel": NOTIFY_CHANNEL,
+        "channel": _channel(joined),
         "restart_kind": RESTART_AGENT,
         "notify_kind": NOTIFY_SWITCH,
     }
@@ -110,9 +112,25 @@ def report_failure(db: Registry, report: Report, options: Options, *, joined: bo
             raise
         if row.outcome == "report_id_reused":
             raise _reused(report.report_id)
+        _wake_after_commit(db, row, joined)
         return _result(row, report.agent, report.snapshot, report.report_id)
 
     return run(db.conn, joined, options, call)
+
+
+def _channel(joined: bool) -> str | None:
+    """Where the database function sends its NOTIFY: inside a joined transaction it must (only the caller
+    knows when that commits); on its own, the switch has committed when the call returns, and the wake-up
+    follows outside it (see ``enqueue_v2`` in sql/outbox.sql for why)."""
+    return NOTIFY_CHANNEL if joined else None
+
+
+def _wake_after_commit(db: Registry, row: Any, joined: bool) -> None:
+    if row.wake and not joined:
+        try:
+            Outbox(db.conn).wake(row.restart_id)
+        except DBAPIError as error:  # the switch stands; drainers find its message when they poll
+            log.info("could not wake the drainers after a switch (%s); they will poll", error.orig)
 
 
 def _reused(report_id: str) -> InvalidInput:
@@ -125,7 +143,7 @@ def assign(db: Registry, agent: str, subscription: str, options: Options) -> Swi
         "agent": agent,
         "subscription": subscription,
         "lock_timeout": options.lock_timeout_setting,
-        "channel": NOTIFY_CHANNEL,
+        "channel": _channel(False),
         "restart_kind": RESTART_AGENT,
         "notify_kind": NOTIFY_SWITCH,
     }
@@ -137,6 +155,7 @@ def assign(db: Registry, agent: str, subscription: str, options: Options) -> Swi
                 f"subscription {subscription!r} already has its max_agents agents; "
                 "raise max_agents or choose another subscription"
             )
+        _wake_after_commit(db, row, False)
         return _result(row, agent, subscription, None)
 
     # A manual assignment has no report id: a lost reply is not retried (the operator looks and decides).
@@ -151,16 +170,14 @@ def run(
     *,
     retry_lost_connection: bool = True,
 ) -> T:
-    """Run ``body`` on its own in autocommit mode (each statement its own transaction: no BEGIN or COMMIT
+    """Run ``body`` on an autocommit connection (each statement its own transaction: no BEGIN or COMMIT
     round trips) or, ``joined``, in a savepoint of the caller's transaction; with bounded retries."""
     for attempt in range(options.max_retries + 1):
         try:
             if joined:
                 with conn.begin_nested():
                     return body()
-            if not conn.in_transaction():  # a fresh connection, or one replaced after an error
-                conn.execution_options(isolation_level="AUTOCOMMIT")
-            return body()
+            return body()  # the front door gave an autocommit connection
         except DBAPIError as error:
             state = sql.sqlstate(error)
             if state == LOCK_NOT_AVAILABLE:

@@ -90,13 +90,19 @@ def test_report_ids_are_generated_per_call_when_absent(sw: Switcher) -> None:
 def test_a_report_survives_a_lost_pooled_connection(url: str) -> None:
     with Switcher.from_url(url, pool_size=1, max_overflow=0) as sw:
         _two(sw)
-        with sw.engine.connect() as conn:
-            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        sw.handle_failure("alice", "B", AUTH)  # a report's pooled connection, open and idle now
         with Switcher.from_url(url) as admin, admin.engine.connect() as conn:
-            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+            killed = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+                )
+            ).scalar_one()
+        assert killed >= 1
         # The pooled connection is dead; the report reconnects and goes through.
         assert sw.handle_failure("alice", "A", AUTH).outcome is Outcome.SWITCHED
-        assert sw.current_subscription("alice") == "B", "and it was committed"
+    with Switcher.from_url(url) as fresh:
+        assert fresh.current_subscription("alice") == "B", "and it was committed"
 
 
 def test_an_executions_report_is_stale_once_the_agent_moved_even_back_again(sw: Switcher) -> None:

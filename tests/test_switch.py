@@ -295,18 +295,6 @@ def test_migrate_is_idempotent(sw: Switcher) -> None:
     assert sw.settings().auto_switch is True
 
 
-def test_a_report_survives_a_lost_pooled_connection(url: str) -> None:
-    with Switcher.from_url(url, pool_size=1, max_overflow=0) as sw:
-        _two(sw)
-        with sw.engine.connect() as conn:
-            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        with Switcher.from_url(url) as admin, admin.engine.connect() as conn:
-            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
-        # The pooled connection is dead; the report reconnects and goes through (reports are idempotent).
-        assert sw.handle_failure("alice", "A", RL).outcome is Outcome.SWITCHED
-        assert sw.current_subscription("alice") == "B", "and it was committed"
-
-
 @pytest.mark.parametrize(
     ("timeout", "spelled"),
     [

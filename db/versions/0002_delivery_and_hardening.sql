@@ -17,8 +17,30 @@ DROP FUNCTION switcher.assign(text, text, text),
               switcher.candidates(bigint, interval),
               switcher.enqueue(text, bigint, bigint, jsonb)
 
--- upgrade: agents are placed on a Docker host (NULL: the drainers without --placement)
-ALTER TABLE switcher.agents ADD COLUMN placement text
+-- upgrade: agents are placed on a Docker host (NULL: the drainers without --placement); a switch moves
+-- an agent without touching an index (a HOT update), given room on its page
+ALTER TABLE switcher.agents ADD COLUMN placement text, SET (fillfactor = 80)
+
+-- upgrade: load is counted by subscription_load now; deleting a subscription (refused while it has
+-- agents) scans agents instead, which is rare, small, and cheaper than an index every switch updates
+DROP INDEX switcher.agents_subscription_id_idx
+
+-- upgrade: fewer indexes for every report to write: removing an agent (rare; its history is bounded by
+-- retention) scans failures and switches instead
+DROP INDEX switcher.failures_agent_id_idx
+
+-- upgrade: fewer indexes for every report to write (see above)
+DROP INDEX switcher.switches_agent_id_idx
+
+-- upgrade: claims take pending messages oldest first by id; a refreshed pending message (a new switch of
+-- its agent) then changes no indexed column and is updated in place (HOT), given room on its page
+DROP INDEX switcher.outbox_due_idx
+
+-- upgrade: (see above)
+CREATE INDEX outbox_pending_idx ON switcher.outbox (id) WHERE status = 'pending'
+
+-- upgrade: (see above)
+ALTER TABLE switcher.outbox SET (fillfactor = 70)
 
 -- upgrade: a failure remembers its report and the answer it got, so a retry gets the same answer
 ALTER TABLE switcher.failures
@@ -53,7 +75,7 @@ ALTER TABLE switcher.settings
     ADD COLUMN retention interval NOT NULL DEFAULT '30 days',
     ADD CONSTRAINT settings_retention_check CHECK (retention > interval '0')
 
--- upgrade: load per subscription, sharded so that concurrent moves do not queue on one counter
+-- upgrade: load per subscription, sharded over 32 rows so that concurrent moves seldom meet on one
 CREATE TABLE switcher.subscription_load (
     subscription_id bigint NOT NULL,
     shard smallint NOT NULL,
@@ -66,8 +88,8 @@ CREATE TABLE switcher.subscription_load (
 -- upgrade: the load of every existing subscription
 INSERT INTO switcher.subscription_load (subscription_id, shard, agents)
 SELECT s.id, g.shard, (SELECT count(*) FROM switcher.agents a
-                       WHERE a.subscription_id = s.id AND a.id % 16 = g.shard)
-FROM switcher.subscriptions s CROSS JOIN generate_series(0, 15) AS g(shard)
+                       WHERE a.subscription_id = s.id AND a.id % 32 = g.shard)
+FROM switcher.subscriptions s CROSS JOIN generate_series(0, 31) AS g(shard)
 
 -- upgrade: what a delivery to an agent left behind
 CREATE TABLE switcher.deliveries (
@@ -229,38 +251,44 @@ $$
 CREATE FUNCTION switcher.move_agent_v2(
     p_agent_id bigint, p_from_id bigint, p_from_name text, p_to_id bigint, p_to_name text,
     p_kind text, p_reason text, p_notify boolean, p_channel text, p_restart_kind text, p_notify_kind text,
-    OUT agent_generation bigint, OUT restart_id bigint)
+    OUT agent_generation bigint, OUT restart_id bigint, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
--- Reassign an agent whose row the caller has locked: bump its generation, log the switch, enqueue its
--- restart (which applies whatever the agent's assignment is when it runs) and, with p_notify, one
--- notification of this switch. Payloads hold names only, never a credential or its reference.
+-- Reassign an agent whose row the caller has locked: log the switch, enqueue its restart (which applies
+-- whatever the agent's assignment is when it runs) and, with p_notify, one notification of this switch;
+-- then move the agent and bump its generation. The move comes last: it takes the two load shards'
+-- rows (track_load_v2), and they are held until commit, so the less comes after it the better.
+-- Payloads hold names only, never a credential or its reference. wake: drainers need waking (see
+-- enqueue_v2; with p_channel NULL the caller does it after the commit).
 DECLARE
     v_agent record;
     v_switch record;
 BEGIN
-    UPDATE switcher.agents a
-    SET subscription_id = p_to_id, generation = a.generation + 1, updated_at = now()
-    WHERE a.id = p_agent_id
-    RETURNING a.name, a.container, a.generation INTO v_agent;
+    SELECT a.name, a.container, a.generation + 1 AS generation INTO v_agent
+    FROM switcher.agents a WHERE a.id = p_agent_id;
     agent_generation := v_agent.generation;
     INSERT INTO switcher.switches
         (agent_id, from_subscription_id, to_subscription_id, kind, generation, reason)
     VALUES (p_agent_id, p_from_id, p_to_id, p_kind, agent_generation, p_reason)
     RETURNING switches.id, switches.switched_at INTO v_switch;
-    restart_id := switcher.enqueue_v2(
+    SELECT e.message_id, e.wake INTO restart_id, wake
+    FROM switcher.enqueue_v2(
         p_restart_kind, p_agent_id, agent_generation,
         jsonb_build_object('agent', v_agent.name, 'container', v_agent.container, 'subscription', p_to_name),
-        p_channel);
-    IF p_notify THEN
+        p_channel) e;
+    IF p_notify THEN  -- an event: always new, always a wake-up
         PERFORM switcher.enqueue_v2(
             p_notify_kind, NULL, agent_generation,
             jsonb_build_object(
                 'switch_id', v_switch.id, 'agent', v_agent.name, 'from', p_from_name, 'to', p_to_name,
                 'kind', p_kind, 'generation', agent_generation, 'switched_at', v_switch.switched_at),
             p_channel);
+        wake := true;
     END IF;
+    UPDATE switcher.agents a
+    SET subscription_id = p_to_id, generation = agent_generation, updated_at = now()
+    WHERE a.id = p_agent_id;
 END
 $$
 
@@ -293,14 +321,15 @@ CREATE FUNCTION switcher.handle_failure_v2(
     p_lock_timeout text, p_priority_first boolean, p_ranked text[],
     p_channel text, p_restart_kind text, p_notify_kind text,
     OUT outcome text, OUT old_subscription text, OUT new_subscription text,
-    OUT agent_generation bigint, OUT restart_id bigint, OUT replayed boolean)
+    OUT agent_generation bigint, OUT restart_id bigint, OUT replayed boolean, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 -- One report (see the top of this file). p_snapshot NULL: whatever the agent uses now. p_generation:
 -- the agent's generation the failed request ran under, when the caller knows it (a stricter guard).
 -- p_ranked: a Python policy's ranking of the candidates' names (NULL: the built-in order, least loaded
--- first, or lowest priority value first with p_priority_first).
+-- first, or lowest priority value first with p_priority_first). p_channel NULL: drainers are woken by the
+-- caller, after the commit, when wake says so (see enqueue_v2).
 DECLARE
     v_lock_timeout text := current_setting('lock_timeout');
     v_agent record;
@@ -311,8 +340,10 @@ DECLARE
     v_target_name text;
     v_busy bigint[] := '{}';
     v_busy_names text[] := '{}';
+    v_next integer;
 BEGIN
     replayed := false;
+    wake := false;
     IF v_lock_timeout <> p_lock_timeout THEN
         PERFORM set_config('lock_timeout', p_lock_timeout, true);
     END IF;
@@ -422,12 +453,15 @@ BEGIN
                         NULL;
                 END CASE;
             END LOOP;
-            FOR i IN 1 .. cardinality(v_busy) LOOP
+            -- Waiters start at different busy candidates (by agent id), so that a herd waits on all of them
+            -- instead of queueing on the first while the others sit idle.
+            FOR i IN 0 .. cardinality(v_busy) - 1 LOOP
                 EXIT WHEN v_target_id IS NOT NULL;
-                IF switcher.reserve_v2(v_busy[i], v_snapshot_id, v_settings.cooldown_window, true)
+                v_next := 1 + (v_agent.id + i) % cardinality(v_busy);
+                IF switcher.reserve_v2(v_busy[v_next], v_snapshot_id, v_settings.cooldown_window, true)
                    = 'reserved' THEN
-                    v_target_id := v_busy[i];
-                    v_target_name := v_busy_names[i];
+                    v_target_id := v_busy[v_next];
+                    v_target_name := v_busy_names[v_next];
                 END IF;
             END LOOP;
         END IF;
@@ -435,7 +469,7 @@ BEGIN
         IF v_target_id IS NULL THEN
             outcome := CASE WHEN v_settings.auto_switch THEN 'no_alternative' ELSE 'disabled' END;
         ELSE
-            SELECT m.agent_generation, m.restart_id INTO agent_generation, restart_id
+            SELECT m.agent_generation, m.restart_id, m.wake INTO agent_generation, restart_id, wake
             FROM switcher.move_agent_v2(
                 v_agent.id, v_snapshot_id, v_agent.subscription, v_target_id, v_target_name,
                 p_kind, p_message, v_settings.notify, p_channel, p_restart_kind, p_notify_kind) m;
@@ -460,7 +494,7 @@ CREATE FUNCTION switcher.assign_v2(
     p_agent text, p_subscription text, p_lock_timeout text,
     p_channel text, p_restart_kind text, p_notify_kind text,
     OUT outcome text, OUT old_subscription text, OUT new_subscription text,
-    OUT agent_generation bigint, OUT restart_id bigint)
+    OUT agent_generation bigint, OUT restart_id bigint, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -496,7 +530,7 @@ BEGIN
             outcome := 'full';
         ELSE
             SELECT st.webhook IS NOT NULL INTO v_notify FROM switcher.settings st WHERE st.id = 1;
-            SELECT m.agent_generation, m.restart_id INTO agent_generation, restart_id
+            SELECT m.agent_generation, m.restart_id, m.wake INTO agent_generation, restart_id, wake
             FROM switcher.move_agent_v2(
                 v_agent.id, v_agent.subscription_id, v_agent.subscription, v_target.id, v_target.name,
                 NULL, 'manual assignment', v_notify, p_channel, p_restart_kind, p_notify_kind) m;
@@ -572,40 +606,51 @@ $$
 
 -- upgrade: function enqueue_v2
 CREATE FUNCTION switcher.enqueue_v2(
-    p_kind text, p_agent_id bigint, p_generation bigint, p_payload jsonb, p_channel text)
-RETURNS bigint
+    p_kind text, p_agent_id bigint, p_generation bigint, p_payload jsonb, p_channel text,
+    OUT message_id bigint, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
--- Add a message, in the caller's transaction, and wake the drainers when it commits. A message about an
--- agent refreshes that agent's pending message of the same kind instead of adding a second one.
+-- Add a message, in the caller's transaction. A message about an agent refreshes that agent's pending
+-- message of the same kind instead of adding a second one.
+-- Drainers need waking (wake) for a new message, and for a refreshed one that was waiting for a retry
+-- and is due now; a pending message that was due already needs no second wake-up. With p_channel, the
+-- wake-up is a NOTIFY sent when this transaction commits. Without, the caller sends it after the commit:
+-- PostgreSQL commits notifying transactions one at a time, flush to disk included, so a herd of switches
+-- that each notify would commit in single file; a NOTIFY on its own, after the commit, costs a moment.
+-- Drainers poll anyway, so a wake-up lost to a crash between the two delays a delivery, never loses it.
 DECLARE
-    v_id bigint;
+    v_waiting boolean;
 BEGIN
+    SELECT o.available_at > now() INTO v_waiting
+    FROM switcher.outbox o
+    WHERE o.agent_id = p_agent_id AND o.kind = p_kind AND o.status = 'pending';
     INSERT INTO switcher.outbox AS o (kind, agent_id, generation, payload)
     VALUES (p_kind, p_agent_id, p_generation, p_payload)
     ON CONFLICT (agent_id, kind) WHERE status = 'pending'
     DO UPDATE SET generation = excluded.generation, payload = excluded.payload, attempts = 0,
                   available_at = now(), enqueued_at = now(), updated_at = now()
-    RETURNING o.id INTO v_id;
-    PERFORM pg_notify(p_channel, v_id::text);
-    RETURN v_id;
+    RETURNING o.id INTO message_id;
+    wake := v_waiting IS NOT FALSE;
+    IF wake AND p_channel IS NOT NULL THEN
+        PERFORM pg_notify(p_channel, message_id::text);
+    END IF;
 END
 $$
 
 
 -- upgrade: subscription_load follows agents.subscription_id, whoever writes it
 CREATE TRIGGER agents_track_load AFTER INSERT OR DELETE ON switcher.agents
-FOR EACH ROW EXECUTE FUNCTION switcher.track_load_v2('16')
+FOR EACH ROW EXECUTE FUNCTION switcher.track_load_v2('32')
 
 -- upgrade: ... and every move of an agent
 CREATE TRIGGER agents_track_moves AFTER UPDATE OF subscription_id ON switcher.agents
 FOR EACH ROW WHEN (OLD.subscription_id IS DISTINCT FROM NEW.subscription_id)
-EXECUTE FUNCTION switcher.track_load_v2('16')
+EXECUTE FUNCTION switcher.track_load_v2('32')
 
 -- upgrade: a new subscription starts with empty load shards
 CREATE TRIGGER subscriptions_add_load_shards AFTER INSERT ON switcher.subscriptions
-FOR EACH ROW EXECUTE FUNCTION switcher.add_load_shards_v2('16')
+FOR EACH ROW EXECUTE FUNCTION switcher.add_load_shards_v2('32')
 
 
 -- downgrade: the triggers
@@ -654,4 +699,22 @@ ALTER TABLE switcher.failures DROP COLUMN report_id, DROP COLUMN outcome,
     DROP COLUMN new_subscription_id, DROP COLUMN generation, DROP COLUMN restart_id
 
 -- downgrade: agents
-ALTER TABLE switcher.agents DROP COLUMN placement
+ALTER TABLE switcher.agents DROP COLUMN placement, RESET (fillfactor)
+
+-- downgrade: 0001's indexes
+CREATE INDEX agents_subscription_id_idx ON switcher.agents (subscription_id)
+
+-- downgrade: 0001's indexes
+CREATE INDEX failures_agent_id_idx ON switcher.failures (agent_id)
+
+-- downgrade: 0001's indexes
+CREATE INDEX switches_agent_id_idx ON switcher.switches (agent_id, id)
+
+-- downgrade: 0001's indexes
+DROP INDEX switcher.outbox_pending_idx
+
+-- downgrade: 0001's indexes
+CREATE INDEX outbox_due_idx ON switcher.outbox (available_at, id) WHERE status = 'pending'
+
+-- downgrade: 0001's indexes
+ALTER TABLE switcher.outbox RESET (fillfactor)

@@ -31,6 +31,7 @@ from ..model import AgentTarget
 from ..outbox import NOTIFY_SWITCH, RESTART_AGENT, DeliveryState, Outbox
 from ..registry import Registry
 from ..runtime import Runtime
+from .config import autocommit
 from .leases import Abandoned, Claim
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class RestartAgent:
     """For metrics: the runtime's mode."""
 
     def __post_init__(self) -> None:
-        self.engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.engine = autocommit(self.engine)
 
     def __call__(self, claim: Claim) -> str:
         message = claim.message

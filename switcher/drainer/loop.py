@@ -39,7 +39,7 @@ from ..outbox import NOTIFY_CHANNEL, NOTIFY_SWITCH, RESTART_AGENT, Message, Outb
 from ..registry import Registry
 from ..runtime import Runtime
 from .completions import Completion, CompletionBuffer, fields
-from .config import DrainerConfig
+from .config import DrainerConfig, autocommit
 from .handlers import Handler, Handlers, NotifySwitch, RestartAgent
 from .leases import Abandoned, Claim, LeaseLost, Leases
 from .listener import Listener
@@ -51,8 +51,7 @@ PRUNE_BATCH = 500
 
 class Drainer:
     def __init__(self, engine: Engine, handlers: Handlers, config: DrainerConfig | None = None) -> None:
-        # Every statement a drainer runs is a transaction of its own: autocommit saves BEGIN and COMMIT.
-        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.engine = autocommit(engine)
         self.handlers = dict(handlers)
         self.config = config or DrainerConfig()
         self.stopping = threading.Event()
@@ -86,7 +85,12 @@ class Drainer:
         config = config or DrainerConfig()
         credentials = credentials or CredentialPolicy()
         engine = create_engine(
-            database_url(url), pool_size=config.concurrency + 4, max_overflow=4, pool_pre_ping=True
+            database_url(url),
+            pool_size=config.concurrency + 4,
+            max_overflow=4,
+            pool_pre_ping=True,
+            isolation_level="AUTOCOMMIT",
+            pool_reset_on_return=None,  # autocommit connections have nothing to roll back
         )
         chosen: dict[str, Handler] = dict(handlers or {})
         if RESTART_AGENT not in chosen:

@@ -2,9 +2,10 @@
 
 A file is a sequence of blocks, each opened by a header comment line:
 
-* ``-- name: claim`` -- a query, run with bound parameters (``:name``) by the concern's door
+* ``-- name: claim`` -- a query, with bound parameters written ``:name``, run by the concern's door
   (``Registry`` for ``registry.sql``, ``switch.sql`` and ``executions.sql``; ``Outbox`` for
-  ``outbox.sql``);
+  ``outbox.sql``) straight through the driver (``SqlFile.run``): a report is a hot path, and SQLAlchemy's
+  statement compilation would cost as much client time as the rest of it;
 * ``-- function: handle_failure_v2`` -- a database function's definition. Functions are DDL: migrations
   create them from frozen copies of these blocks, and a test proves the migrated database holds exactly
   what these blocks say. A changed function gets a new name (``_v3``) in a new migration, so old and new
@@ -21,11 +22,13 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import Connection, CursorResult
 
 _HEADER = re.compile(r"^-- (name|function|upgrade|downgrade): *(.+?) *$", re.MULTILINE)
 _FUNCTION_NAME = re.compile(r"CREATE (?:OR REPLACE )?FUNCTION switcher\.(\w+)\(")
+_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +57,28 @@ def parse(source: str) -> list[Block]:
 
 @dataclass(frozen=True)
 class SqlFile:
-    queries: dict[str, TextClause]
+    queries: dict[str, str]
+    """Query name -> its statement, in the driver's own parameter style (``%(name)s``)."""
     functions: dict[str, str]
     """Function name -> its ``CREATE FUNCTION`` statement."""
+
+    def run(self, conn: Connection, query: str, **params: Any) -> CursorResult[Any]:
+        """Run a named query on ``conn``, in whatever transaction ``conn`` is in."""
+        return conn.exec_driver_sql(self.queries[query], params)
+
+
+def driver_statement(sql: str) -> str:
+    """A named query as psycopg takes it: comment lines dropped (they are for readers), ``%`` doubled,
+    ``:name`` as ``%(name)s`` (``::type`` casts stay)."""
+    code = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return _PARAMETER.sub(r"%(\1)s", code.replace("%", "%%"))
 
 
 @cache
 def load(concern: str) -> SqlFile:
     """``switcher/sql/<concern>.sql``, parsed (once per process)."""
     blocks = parse(files(__package__).joinpath(f"{concern}.sql").read_text(encoding="utf-8"))
-    queries = {b.name: text(b.sql) for b in blocks if b.kind == "name"}
+    queries = {b.name: driver_statement(b.sql) for b in blocks if b.kind == "name"}
     functions = {b.name: b.sql for b in blocks if b.kind == "function"}
     if len(queries) + len(functions) != len(blocks):
         raise ValueError(f"{concern}.sql: duplicate block names, or migration steps in a head file")

@@ -18,41 +18,56 @@
 
 -- function: enqueue_v2
 CREATE FUNCTION switcher.enqueue_v2(
-    p_kind text, p_agent_id bigint, p_generation bigint, p_payload jsonb, p_channel text)
-RETURNS bigint
+    p_kind text, p_agent_id bigint, p_generation bigint, p_payload jsonb, p_channel text,
+    OUT message_id bigint, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
--- Add a message, in the caller's transaction, and wake the drainers when it commits. A message about an
--- agent refreshes that agent's pending message of the same kind instead of adding a second one.
+-- Add a message, in the caller's transaction. A message about an agent refreshes that agent's pending
+-- message of the same kind instead of adding a second one.
+-- Drainers need waking (wake) for a new message, and for a refreshed one that was waiting for a retry
+-- and is due now; a pending message that was due already needs no second wake-up. With p_channel, the
+-- wake-up is a NOTIFY sent when this transaction commits. Without, the caller sends it after the commit:
+-- PostgreSQL commits notifying transactions one at a time, flush to disk included, so a herd of switches
+-- that each notify would commit in single file; a NOTIFY on its own, after the commit, costs a moment.
+-- Drainers poll anyway, so a wake-up lost to a crash between the two delays a delivery, never loses it.
 DECLARE
-    v_id bigint;
+    v_waiting boolean;
 BEGIN
+    SELECT o.available_at > now() INTO v_waiting
+    FROM switcher.outbox o
+    WHERE o.agent_id = p_agent_id AND o.kind = p_kind AND o.status = 'pending';
     INSERT INTO switcher.outbox AS o (kind, agent_id, generation, payload)
     VALUES (p_kind, p_agent_id, p_generation, p_payload)
     ON CONFLICT (agent_id, kind) WHERE status = 'pending'
     DO UPDATE SET generation = excluded.generation, payload = excluded.payload, attempts = 0,
                   available_at = now(), enqueued_at = now(), updated_at = now()
-    RETURNING o.id INTO v_id;
-    PERFORM pg_notify(p_channel, v_id::text);
-    RETURN v_id;
+    RETURNING o.id INTO message_id;
+    wake := v_waiting IS NOT FALSE;
+    IF wake AND p_channel IS NOT NULL THEN
+        PERFORM pg_notify(p_channel, message_id::text);
+    END IF;
 END
 $$;
 
 
 -- name: enqueue
-SELECT switcher.enqueue_v2(:kind, :agent_id, :generation, CAST(:payload AS jsonb), :channel)
+SELECT message_id FROM switcher.enqueue_v2(:kind, :agent_id, :generation, CAST(:payload AS jsonb), :channel)
+
+-- name: wake
+-- Wake the drainers, after the commit of what they are woken for.
+SELECT pg_notify(:channel, :message)
 
 -- name: agent_id
 SELECT id FROM switcher.agents WHERE name = :agent
 
 -- name: claim
 -- Lease up to :limit due messages of the :kinds this drainer handles to :worker: events, and messages
--- about agents placed with this drainer (:placement; NULL: agents placed nowhere); oldest first, one per
--- agent, none whose agent has a message running. Two drainers that race for one agent's messages anyway
--- collide on outbox_one_running_idx.
+-- about agents placed with this drainer (:placement; NULL: agents placed nowhere); oldest first (through
+-- outbox_pending_idx), one per agent, none whose agent has a message running. Two drainers that race for
+-- one agent's messages anyway collide on outbox_one_running_idx.
 WITH claimable AS (
-    SELECT o.id, o.agent_id, o.available_at
+    SELECT o.id, o.agent_id
     FROM switcher.outbox o
     LEFT JOIN switcher.agents a ON a.id = o.agent_id
     WHERE o.status = 'pending' AND o.available_at <= now() AND o.kind = ANY (CAST(:kinds AS text[]))
@@ -60,13 +75,13 @@ WITH claimable AS (
            a.placement IS NOT DISTINCT FROM CAST(:placement AS text)
            AND NOT EXISTS (
                SELECT FROM switcher.outbox r WHERE r.agent_id = o.agent_id AND r.status = 'running')))
-    ORDER BY o.available_at, o.id
+    ORDER BY o.id
     LIMIT :limit
     FOR UPDATE OF o SKIP LOCKED
 ), one_per_agent AS (
     SELECT DISTINCT ON (COALESCE(c.agent_id, -c.id)) c.id
     FROM claimable c
-    ORDER BY COALESCE(c.agent_id, -c.id), c.available_at, c.id
+    ORDER BY COALESCE(c.agent_id, -c.id), c.id
 )
 UPDATE switcher.outbox o
 SET status = 'running', attempts = o.attempts + 1, leased_until = now() + :lease, leased_by = :worker,

@@ -153,38 +153,44 @@ $$;
 CREATE FUNCTION switcher.move_agent_v2(
     p_agent_id bigint, p_from_id bigint, p_from_name text, p_to_id bigint, p_to_name text,
     p_kind text, p_reason text, p_notify boolean, p_channel text, p_restart_kind text, p_notify_kind text,
-    OUT agent_generation bigint, OUT restart_id bigint)
+    OUT agent_generation bigint, OUT restart_id bigint, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
--- Reassign an agent whose row the caller has locked: bump its generation, log the switch, enqueue its
--- restart (which applies whatever the agent's assignment is when it runs) and, with p_notify, one
--- notification of this switch. Payloads hold names only, never a credential or its reference.
+-- Reassign an agent whose row the caller has locked: log the switch, enqueue its restart (which applies
+-- whatever the agent's assignment is when it runs) and, with p_notify, one notification of this switch;
+-- then move the agent and bump its generation. The move comes last: it takes the two load shards'
+-- rows (track_load_v2), and they are held until commit, so the less comes after it the better.
+-- Payloads hold names only, never a credential or its reference. wake: drainers need waking (see
+-- enqueue_v2; with p_channel NULL the caller does it after the commit).
 DECLARE
     v_agent record;
     v_switch record;
 BEGIN
-    UPDATE switcher.agents a
-    SET subscription_id = p_to_id, generation = a.generation + 1, updated_at = now()
-    WHERE a.id = p_agent_id
-    RETURNING a.name, a.container, a.generation INTO v_agent;
+    SELECT a.name, a.container, a.generation + 1 AS generation INTO v_agent
+    FROM switcher.agents a WHERE a.id = p_agent_id;
     agent_generation := v_agent.generation;
     INSERT INTO switcher.switches
         (agent_id, from_subscription_id, to_subscription_id, kind, generation, reason)
     VALUES (p_agent_id, p_from_id, p_to_id, p_kind, agent_generation, p_reason)
     RETURNING switches.id, switches.switched_at INTO v_switch;
-    restart_id := switcher.enqueue_v2(
+    SELECT e.message_id, e.wake INTO restart_id, wake
+    FROM switcher.enqueue_v2(
         p_restart_kind, p_agent_id, agent_generation,
         jsonb_build_object('agent', v_agent.name, 'container', v_agent.container, 'subscription', p_to_name),
-        p_channel);
-    IF p_notify THEN
+        p_channel) e;
+    IF p_notify THEN  -- an event: always new, always a wake-up
         PERFORM switcher.enqueue_v2(
             p_notify_kind, NULL, agent_generation,
             jsonb_build_object(
                 'switch_id', v_switch.id, 'agent', v_agent.name, 'from', p_from_name, 'to', p_to_name,
                 'kind', p_kind, 'generation', agent_generation, 'switched_at', v_switch.switched_at),
             p_channel);
+        wake := true;
     END IF;
+    UPDATE switcher.agents a
+    SET subscription_id = p_to_id, generation = agent_generation, updated_at = now()
+    WHERE a.id = p_agent_id;
 END
 $$;
 
@@ -217,14 +223,15 @@ CREATE FUNCTION switcher.handle_failure_v2(
     p_lock_timeout text, p_priority_first boolean, p_ranked text[],
     p_channel text, p_restart_kind text, p_notify_kind text,
     OUT outcome text, OUT old_subscription text, OUT new_subscription text,
-    OUT agent_generation bigint, OUT restart_id bigint, OUT replayed boolean)
+    OUT agent_generation bigint, OUT restart_id bigint, OUT replayed boolean, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 -- One report (see the top of this file). p_snapshot NULL: whatever the agent uses now. p_generation:
 -- the agent's generation the failed request ran under, when the caller knows it (a stricter guard).
 -- p_ranked: a Python policy's ranking of the candidates' names (NULL: the built-in order, least loaded
--- first, or lowest priority value first with p_priority_first).
+-- first, or lowest priority value first with p_priority_first). p_channel NULL: drainers are woken by the
+-- caller, after the commit, when wake says so (see enqueue_v2).
 DECLARE
     v_lock_timeout text := current_setting('lock_timeout');
     v_agent record;
@@ -235,8 +242,10 @@ DECLARE
     v_target_name text;
     v_busy bigint[] := '{}';
     v_busy_names text[] := '{}';
+    v_next integer;
 BEGIN
     replayed := false;
+    wake := false;
     IF v_lock_timeout <> p_lock_timeout THEN
         PERFORM set_config('lock_timeout', p_lock_timeout, true);
     END IF;
@@ -346,12 +355,15 @@ BEGIN
                         NULL;
                 END CASE;
             END LOOP;
-            FOR i IN 1 .. cardinality(v_busy) LOOP
+            -- Waiters start at different busy candidates (by agent id), so that a herd waits on all of them
+            -- instead of queueing on the first while the others sit idle.
+            FOR i IN 0 .. cardinality(v_busy) - 1 LOOP
                 EXIT WHEN v_target_id IS NOT NULL;
-                IF switcher.reserve_v2(v_busy[i], v_snapshot_id, v_settings.cooldown_window, true)
+                v_next := 1 + (v_agent.id + i) % cardinality(v_busy);
+                IF switcher.reserve_v2(v_busy[v_next], v_snapshot_id, v_settings.cooldown_window, true)
                    = 'reserved' THEN
-                    v_target_id := v_busy[i];
-                    v_target_name := v_busy_names[i];
+                    v_target_id := v_busy[v_next];
+                    v_target_name := v_busy_names[v_next];
                 END IF;
             END LOOP;
         END IF;
@@ -359,7 +371,7 @@ BEGIN
         IF v_target_id IS NULL THEN
             outcome := CASE WHEN v_settings.auto_switch THEN 'no_alternative' ELSE 'disabled' END;
         ELSE
-            SELECT m.agent_generation, m.restart_id INTO agent_generation, restart_id
+            SELECT m.agent_generation, m.restart_id, m.wake INTO agent_generation, restart_id, wake
             FROM switcher.move_agent_v2(
                 v_agent.id, v_snapshot_id, v_agent.subscription, v_target_id, v_target_name,
                 p_kind, p_message, v_settings.notify, p_channel, p_restart_kind, p_notify_kind) m;
@@ -384,7 +396,7 @@ CREATE FUNCTION switcher.assign_v2(
     p_agent text, p_subscription text, p_lock_timeout text,
     p_channel text, p_restart_kind text, p_notify_kind text,
     OUT outcome text, OUT old_subscription text, OUT new_subscription text,
-    OUT agent_generation bigint, OUT restart_id bigint)
+    OUT agent_generation bigint, OUT restart_id bigint, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -420,7 +432,7 @@ BEGIN
             outcome := 'full';
         ELSE
             SELECT st.webhook IS NOT NULL INTO v_notify FROM switcher.settings st WHERE st.id = 1;
-            SELECT m.agent_generation, m.restart_id INTO agent_generation, restart_id
+            SELECT m.agent_generation, m.restart_id, m.wake INTO agent_generation, restart_id, wake
             FROM switcher.move_agent_v2(
                 v_agent.id, v_agent.subscription_id, v_agent.subscription, v_target.id, v_target.name,
                 NULL, 'manual assignment', v_notify, p_channel, p_restart_kind, p_notify_kind) m;
@@ -436,13 +448,13 @@ $$;
 
 
 -- name: handle_failure
-SELECT outcome, old_subscription, new_subscription, agent_generation, restart_id, replayed
+SELECT outcome, old_subscription, new_subscription, agent_generation, restart_id, replayed, wake
 FROM switcher.handle_failure_v2(
     :report_id, :agent, :snapshot, :generation, :kind, :message, :lock_timeout, :priority_first,
     CAST(:ranked AS text[]), :channel, :restart_kind, :notify_kind)
 
 -- name: assign
-SELECT outcome, old_subscription, new_subscription, agent_generation, restart_id
+SELECT outcome, old_subscription, new_subscription, agent_generation, restart_id, wake
 FROM switcher.assign_v2(:agent, :subscription, :lock_timeout, :channel, :restart_kind, :notify_kind)
 
 -- name: candidates
