@@ -141,7 +141,18 @@ def pgbench(url: URL, clients: int, seconds: float, *args: str, script: str | No
             file.write_text(script)
             options = ["-f", str(file)]
         run = subprocess.run(
-            [path, *options, "-n", "-c", str(clients), "-j", str(clients), "-T", str(max(1, round(seconds))), *args],
+            [
+                path,
+                *options,
+                "-n",
+                "-c",
+                str(clients),
+                "-j",
+                str(clients),
+                "-T",
+                str(max(1, round(seconds))),
+                *args,
+            ],
             env=libpq_env(url),
             check=True,
             capture_output=True,
