@@ -598,6 +598,7 @@ def outbox_purge(app: App, older_than: float, dead: bool) -> None:
     "--credential-env", default="SWITCHER_CREDENTIAL", help="variable carrying it in a recreated container"
 )
 @option("--concurrency", type=click.IntRange(1, 1024), default=4, help="handlers running at once")
+@option("--prefetch", type=click.IntRange(0, 4096), default=0, help="messages claimed ahead of free handlers")
 @option("--poll-interval", type=Seconds(0, 86400, above=True), default=5.0, help="polling fallback")
 @option("--lease", type=Seconds(1, 86400), default=30.0, help="seconds a claim lasts unrenewed")
 @option("--max-attempts", type=click.IntRange(1, 1_000_000), default=10)
@@ -622,6 +623,7 @@ def drain(app: App, /, **options: Any) -> None:
         worker_id=o["worker_id"] or default_worker_id(),
         placement=o["placement"],
         concurrency=o["concurrency"],
+        prefetch=o["prefetch"],
         poll_interval=timedelta(seconds=o["poll_interval"]),
         lease=timedelta(seconds=o["lease"]),
         max_attempts=o["max_attempts"],

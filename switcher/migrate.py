@@ -12,6 +12,7 @@ meets the host application's. For a host application with Alembic of its own:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -112,10 +113,13 @@ def function_drift(connection: Connection) -> list[str]:
     drift = []
     for name, definition in sql.head_functions().items():
         body = definition.split("$$")[1]
-        config = ["search_path=pg_catalog, pg_temp"]
+        config = [f"{key}={value}" for key, value in _SETTING.findall(definition.split("$$")[0])]
         if present.get(name) != (body, config):
             drift.append(name)
     return drift
+
+
+_SETTING = re.compile(r"^SET (\w+) = (.+?)$", re.MULTILINE)
 
 
 @contextlib.contextmanager

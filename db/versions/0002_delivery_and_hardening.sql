@@ -639,6 +639,58 @@ END
 $$
 
 
+-- upgrade: function claim_v2
+CREATE FUNCTION switcher.claim_v2(
+    p_worker text, p_limit integer, p_lease interval, p_placement text, p_kinds text[])
+RETURNS TABLE (id bigint, kind text, agent_id bigint, agent text, generation bigint, payload jsonb,
+               attempts integer, enqueued_at timestamptz)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_sort = off
+AS $$
+-- Lease up to p_limit due messages of the kinds this drainer handles (p_kinds) to p_worker: events, and
+-- messages about agents placed with this drainer (p_placement; NULL: agents placed nowhere); oldest
+-- first, one per agent, none whose agent has a message running. Two drainers that race for one agent's
+-- messages anyway collide on outbox_one_running_idx.
+-- It walks outbox_pending_idx in id order and stops at p_limit, however long the backlog: the loop's
+-- cursor is planned to return its first rows fast, and enable_sort is off so that even a planner without
+-- statistics yet (a fresh outbox that a herd fills) never reads every pending message to sort them.
+DECLARE
+    v_ids bigint[] := '{}';
+    v_agents bigint[] := '{}';
+    v_candidate record;
+BEGIN
+    FOR v_candidate IN
+        SELECT o.id, o.agent_id
+        FROM switcher.outbox o
+        WHERE o.status = 'pending' AND o.available_at <= now() AND o.kind = ANY (p_kinds)
+          AND (o.agent_id IS NULL OR (
+               EXISTS (SELECT FROM switcher.agents a
+                       WHERE a.id = o.agent_id AND a.placement IS NOT DISTINCT FROM p_placement)
+               AND NOT EXISTS (SELECT FROM switcher.outbox r
+                               WHERE r.agent_id = o.agent_id AND r.status = 'running')))
+        ORDER BY o.id
+        FOR UPDATE OF o SKIP LOCKED
+    LOOP
+        CONTINUE WHEN v_candidate.agent_id = ANY (v_agents);
+        v_ids := v_ids || v_candidate.id;
+        IF v_candidate.agent_id IS NOT NULL THEN
+            v_agents := v_agents || v_candidate.agent_id;
+        END IF;
+        EXIT WHEN cardinality(v_ids) >= p_limit;
+    END LOOP;
+    RETURN QUERY
+    UPDATE switcher.outbox o
+    SET status = 'running', attempts = o.attempts + 1, leased_until = now() + p_lease,
+        leased_by = p_worker, updated_at = now()
+    WHERE o.id = ANY (v_ids)
+    RETURNING o.id, o.kind, o.agent_id,
+              COALESCE((SELECT a.name FROM switcher.agents a WHERE a.id = o.agent_id), o.payload ->> 'agent'),
+              o.generation, o.payload, o.attempts, o.enqueued_at;
+END
+$$
+
+
 -- upgrade: subscription_load follows agents.subscription_id, whoever writes it
 CREATE TRIGGER agents_track_load AFTER INSERT OR DELETE ON switcher.agents
 FOR EACH ROW EXECUTE FUNCTION switcher.track_load_v2('32')
@@ -674,7 +726,8 @@ DROP FUNCTION switcher.assign_v2(text, text, text, text, text, text),
               switcher.track_load_v2(),
               switcher.eligible_v2(bigint, interval, bigint),
               switcher.enter_execution_v2(text, text, interval, interval, integer, text),
-              switcher.enqueue_v2(text, bigint, bigint, jsonb, text)
+              switcher.enqueue_v2(text, bigint, bigint, jsonb, text),
+              switcher.claim_v2(text, integer, interval, text, text[])
 
 -- downgrade: the new tables
 DROP TABLE switcher.drainers, switcher.executions, switcher.deliveries, switcher.subscription_load

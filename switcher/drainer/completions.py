@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -74,9 +75,11 @@ class CompletionBuffer:
         """Called after each write: the agents of those messages may have messages waiting."""
         self._queue: queue.SimpleQueue[Completion | None] = queue.SimpleQueue()
 
-    def put(self, completion: Completion) -> None:
-        self.leases.finish(completion.message.id)
+    def put(self, completion: Completion) -> int:
+        """Queue a handler's outcome; how many messages are still busy."""
+        busy = self.leases.finish(completion.message.id)
         self._queue.put(completion)
+        return busy
 
     def close(self) -> None:
         """Write what is queued, then end ``run``."""
@@ -104,13 +107,16 @@ class CompletionBuffer:
             results = {c.message.id: str(c.result) for c in done}
             worker = self.config.worker_id
             held = self._persist(lambda conn: Outbox(conn).complete(worker=worker, results=results))
+            counted: Counter[tuple[str, str]] = Counter()
             for c in done:
                 if held is not None and c.message.id in held:
-                    self._count(c.message, "done")
+                    counted[c.message.kind, "done"] += 1
                     log.info("done", extra={**fields(c.message), "result": c.result})
                 else:
-                    self._count(c.message, "lost_lease")
+                    counted[c.message.kind, "lost_lease"] += 1
                     log.warning("lease lost before completion was recorded", extra=fields(c.message))
+            for (kind, status), count in counted.items():
+                metrics.child(metrics.FINISHED, kind, status).inc(count)
         for c in completions:
             if c.error is not None or c.give_back:
                 self._fail(c)
@@ -145,7 +151,7 @@ class CompletionBuffer:
 
     @staticmethod
     def _count(message: Message, status: str) -> None:
-        metrics.FINISHED.labels(message.kind, status).inc()
+        metrics.child(metrics.FINISHED, message.kind, status).inc()
 
     def _persist(self, write: Callable[[Connection], T]) -> T | None:
         """Run a write, retrying while the database is away; None if it never got through (stopping)."""

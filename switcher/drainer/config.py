@@ -54,6 +54,9 @@ class DrainerConfig:
     """Claim only messages about agents placed here (None: agents placed nowhere); events from anywhere."""
     concurrency: int = 4
     """Handlers running at once."""
+    prefetch: int = 0
+    """Messages claimed ahead, waiting for a handler slot: fewer claims for a drainer of quick handlers,
+    but messages it holds are out of other drainers' reach."""
     poll_interval: timedelta = timedelta(seconds=5)
     """Polling, the fallback to LISTEN/NOTIFY."""
     lease: timedelta = timedelta(seconds=30)
@@ -71,6 +74,7 @@ class DrainerConfig:
 
     def __post_init__(self) -> None:
         validate.integer(self.concurrency, "concurrency", minimum=1, maximum=1024)
+        validate.integer(self.prefetch, "prefetch", minimum=0, maximum=4096)
         validate.integer(self.max_attempts, "max_attempts", minimum=1, maximum=1_000_000)
         validate.duration(self.lease, "lease", minimum=timedelta(seconds=1), maximum=timedelta(days=1))
         validate.duration(

@@ -40,12 +40,15 @@ class Leases:
         self.worker = worker
         self.lease = lease
         self._states: dict[int, State] = {}
+        self._busy = 0  # queued or running: what takes a handler slot
         self._lost: set[int] = set()  # found lost and reported; still held until their handler ends
         self._lock = threading.Lock()
 
     def take(self, messages: Iterable[Message]) -> None:
         with self._lock:
-            self._states.update((m.id, State.QUEUED) for m in messages)
+            for message in messages:
+                self._states[message.id] = State.QUEUED
+                self._busy += 1
 
     def start(self, message_id: int) -> bool:
         """Mark a queued message running; False if it is no longer held (given back at shutdown)."""
@@ -55,9 +58,13 @@ class Leases:
             self._states[message_id] = State.RUNNING
             return True
 
-    def finish(self, message_id: int) -> None:
+    def finish(self, message_id: int) -> int:
+        """The handler is done (or will never start); how many messages are still busy."""
         with self._lock:
+            if self._states.get(message_id) in (State.QUEUED, State.RUNNING):
+                self._busy -= 1
             self._states[message_id] = State.FINISHED
+            return self._busy
 
     def recording(self, message_ids: Iterable[int]) -> None:
         with self._lock:
@@ -68,13 +75,14 @@ class Leases:
         """No longer held: recorded, lost, or given back."""
         with self._lock:
             for message_id in message_ids:
-                self._states.pop(message_id, None)
+                if self._states.pop(message_id, None) in (State.QUEUED, State.RUNNING):
+                    self._busy -= 1
                 self._lost.discard(message_id)
 
     def busy(self) -> int:
         """Messages claimed whose handler has not finished: what takes a handler slot."""
         with self._lock:
-            return sum(state in (State.QUEUED, State.RUNNING) for state in self._states.values())
+            return self._busy
 
     def held(self) -> int:
         with self._lock:

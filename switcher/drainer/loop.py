@@ -22,6 +22,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from datetime import timedelta
@@ -180,10 +181,11 @@ class Drainer:
     def _claim(self, executor: ThreadPoolExecutor) -> float:
         """Claim what fits in the free handler slots; how long to wait before looking again."""
         cfg = self.config
+        capacity = cfg.concurrency + cfg.prefetch
         busy = self.leases.busy()
-        free = cfg.concurrency - busy
+        free = capacity - busy
         poll = cfg.poll_interval.total_seconds()
-        if free <= 0 or (busy and free < cfg.concurrency // 2):
+        if free <= 0 or (busy and free < capacity // 2):
             return poll  # claim in batches: a finishing handler wakes the loop
         with self.engine.connect() as conn:
             outbox = Outbox(conn)
@@ -196,8 +198,9 @@ class Drainer:
             )
             until_due = None if claimed else outbox.seconds_until_due()
         self.leases.take(claimed)
+        for kind, count in Counter(m.kind for m in claimed).items():
+            metrics.child(metrics.CLAIMED, kind).inc(count)
         for message in claimed:
-            metrics.CLAIMED.labels(message.kind).inc()
             log.info("claimed", extra=fields(message))
             future = executor.submit(self._handle, message)
             self._futures[message.id] = (message, future)
@@ -224,9 +227,10 @@ class Drainer:
             completion = Completion(message, error=f"{type(error).__name__}: {error}", final=True)
         except Exception as error:
             completion = Completion(message, error=f"{type(error).__name__}: {error}")
-        metrics.HANDLER_SECONDS.labels(message.kind).observe(time.monotonic() - started)
-        self.completions.put(completion)
-        self._wake.set()
+        metrics.child(metrics.HANDLER_SECONDS, message.kind).observe(time.monotonic() - started)
+        busy = self.completions.put(completion)
+        if busy <= (self.config.concurrency + self.config.prefetch) // 2:
+            self._wake.set()  # enough slots free for the next batch
 
     def _keep_house(self) -> None:
         cfg = self.config
