@@ -3,11 +3,15 @@ tests/test_docker_runtime.py drives the Docker one)."""
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -192,3 +196,37 @@ def test_a_host_application_plugs_in_its_own_message_kind(sw: Switcher, url: str
         drainer.stop()
         thread.join(60)
         engine.dispose()
+
+
+def test_without_a_database_the_drainer_waits_out_its_reconnect_backoff() -> None:
+    """Each failed round waits the delay it logs, housekeeping included (it once retried at once, in a
+    tight loop, because housekeeping was overdue)."""
+    with socket.socket() as closed:  # a port nobody listens on: every connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    engine = create_engine(f"postgresql+psycopg://switcher@127.0.0.1:{port}/switcher")
+    logged: list[tuple[float, float]] = []  # (when, the delay announced)
+    enough = threading.Event()
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("database unavailable"):
+                logged.append((time.monotonic(), float(record.args[0])))  # type: ignore[index, arg-type]
+                if len(logged) == 4:
+                    enough.set()
+
+    handler = Record()
+    logging.getLogger("switcher").addHandler(handler)
+    config = DrainerConfig(listen=False, reconnect=Backoff(timedelta(milliseconds=50), timedelta(seconds=1)))
+    drainer = Drainer(engine, {RESTART_AGENT: lambda claim: "ok"}, config)
+    thread = threading.Thread(target=drainer.run)
+    thread.start()
+    try:
+        assert enough.wait(60)
+    finally:
+        drainer.stop()
+        thread.join(60)
+        logging.getLogger("switcher").removeHandler(handler)
+        engine.dispose()
+    for (before, delay), (after, _) in itertools.pairwise(logged[:4]):
+        assert after - before >= delay * 0.95, logged

@@ -168,4 +168,4 @@ class CompletionBuffer:
                     if time.monotonic() > deadline:
                         return None
                 log.warning("cannot record a handler's outcome yet (%s); retrying", error.orig)
-                time.sleep(min(self.config.backoff.delay(failures).total_seconds(), 5.0))
+                time.sleep(self.config.reconnect.delay(failures).total_seconds())

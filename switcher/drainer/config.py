@@ -64,6 +64,11 @@ class DrainerConfig:
     after this."""
     max_attempts: int = 10
     backoff: Backoff = field(default_factory=Backoff)
+    """Between a failed message's attempts."""
+    reconnect: Backoff = field(
+        default_factory=lambda: Backoff(base=timedelta(seconds=0.5), cap=timedelta(seconds=10))
+    )
+    """Between attempts to reach an unavailable database: short, so a restart costs seconds, not minutes."""
     shutdown_timeout: timedelta = timedelta(seconds=30)
     """How long a stop waits for running handlers."""
     listen: bool = True

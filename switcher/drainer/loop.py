@@ -61,7 +61,9 @@ class Drainer:
         self.completions = CompletionBuffer(
             self.engine, self.leases, self.config, self.stopping, self._wake.set
         )
-        self.listener = Listener(self.engine, NOTIFY_CHANNEL, self._wake, self.stopping, self.config.backoff)
+        self.listener = Listener(
+            self.engine, NOTIFY_CHANNEL, self._wake, self.stopping, self.config.reconnect
+        )
         self.last_tick = 0.0
         """``time.monotonic()`` when the loop last went round (``/healthz``)."""
         self._futures: dict[int, tuple[Message, Future[None]]] = {}
@@ -166,8 +168,11 @@ class Drainer:
                     failures = 0
                 except DBAPIError as error:
                     failures += 1
-                    wait = cfg.backoff.delay(failures).total_seconds()
+                    wait = cfg.reconnect.delay(failures).total_seconds()
                     log.warning("database unavailable, retrying in %.1f s: %s", wait, error.orig)
+                    # Housekeeping is due but needs the database too: wait the backoff out (the listener's
+                    # reconnect wakes us early).
+                    next_house = max(next_house, time.monotonic() + wait)
                 self._wake.wait(max(0.0, min(wait, next_house - time.monotonic())))
         finally:
             clean = self._shut_down(executor)
