@@ -230,3 +230,43 @@ def test_without_a_database_the_drainer_waits_out_its_reconnect_backoff() -> Non
         engine.dispose()
     for (before, delay), (after, _) in itertools.pairwise(logged[:4]):
         assert after - before >= delay * 0.95, logged
+
+
+def test_prefetched_messages_wait_for_a_handler_and_are_given_back_on_stop(sw: Switcher, url: str) -> None:
+    """With one handler and a prefetch of 2, the drainer holds three messages while one runs; stopping,
+    it gives back the two that never started (pending again, the attempt uncounted)."""
+    _setup(sw, agents=4)
+    for i in range(4):
+        sw.handle_failure(f"agent{i}", "A", RL)
+    engine = create_engine(database_url(url))
+    started: list[int] = []
+    running, release = threading.Event(), threading.Event()
+
+    def hold(claim: Claim) -> str:
+        started.append(claim.message.id)
+        running.set()
+        release.wait(60)
+        return "ok"
+
+    config = DrainerConfig(concurrency=1, prefetch=2, listen=False, poll_interval=timedelta(hours=1))
+    drainer = Drainer(engine, {RESTART_AGENT: hold}, config)
+    thread = threading.Thread(target=drainer.run)
+    thread.start()
+    try:
+        assert running.wait(60)
+        held = wait_for(
+            lambda: [r for r in restart_rows(sw) if r.status == "running"] or None, what="claims"
+        )
+        assert len(held) == 3, "one running, two prefetched; the fourth left to other drainers"
+        assert all(r.leased_by == config.worker_id for r in held)
+        drainer.stop()
+        release.set()
+    finally:
+        release.set()
+        thread.join(60)
+        engine.dispose()
+    rows = {r.id: r for r in restart_rows(sw)}
+    assert started and len(started) == 1
+    assert rows[started[0]].status == "done"
+    pending = [r for r in rows.values() if r.status == "pending"]
+    assert len(pending) == 3 and all(r.attempts == 0 for r in pending), pending

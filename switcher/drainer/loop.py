@@ -218,6 +218,9 @@ class Drainer:
         self._futures.pop(message_id, None)
 
     def _handle(self, message: Message) -> None:
+        if self.stopping.is_set():  # prefetched, its turn came after a stop: another drainer's now
+            self.completions.put(Completion(message, give_back=True))
+            return
         if not self.leases.start(message.id):
             return
         started = time.monotonic()
