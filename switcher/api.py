@@ -5,7 +5,7 @@ only decide where it runs. ``Switcher`` runs it on a connection of its engine; `
 same body through ``AsyncConnection.run_sync``, so both have one body of logic and the same semantics.
 
 Either door takes an engine of the host application's (``Switcher(engine)``, ``AsyncSwitcher(async_engine)``,
-any PostgreSQL driver SQLAlchemy supports) or makes its own (``from_url``, psycopg 3).
+on psycopg 3: every query is written in its parameter style) or makes its own (``from_url``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from . import sql
 from .errors import DatabaseURLError, InvalidInput
 from .executions import DEFAULT_GATE_TIMEOUT, DEFAULT_TTL, AsyncExecution, Execution
 from .operations import Context, Operation, Operations, joined_connection
@@ -65,6 +66,7 @@ class _Door(Operations, Generic[E, X]):
                 f"{type(self).__name__} needs a SQLAlchemy {self._engine_class().__name__}, "
                 f"got {type(engine).__name__}"
             )
+        sql.require_driver(engine.dialect, type(self).__name__)
         self.engine: E = engine
         # Reports run in autocommit mode (one statement each); on the host's engine that means switching
         # a pooled connection to autocommit and back for every call. from_url gives them a pool of their own.

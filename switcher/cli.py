@@ -50,11 +50,9 @@ class Seconds(click.ParamType[float]):
         self.minimum, self.maximum, self.above = minimum, maximum, above
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, float):
-            return value
         try:
             seconds = float(value)
-        except ValueError:
+        except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         low_ok = seconds > self.minimum if self.above else seconds >= self.minimum
         if not (math.isfinite(seconds) and low_ok and seconds <= self.maximum):
@@ -576,6 +574,8 @@ def outbox_purge(app: App, older_than: float, dead: bool) -> None:
 )
 @option("--drain-timeout", type=Seconds(0, 86400), default=300.0, help="wait this long for executions")
 @option("--stop-timeout", type=Seconds(0, 3600), default=10.0, help="docker stop's grace period")
+@option("--reload-timeout", type=Seconds(0, 3600, above=True), default=30.0, help="a reload hook's limit")
+@option("--webhook-timeout", type=Seconds(0, 3600, above=True), default=10.0, help="the webhook's limit")
 @option(
     "--credential-env-prefix",
     "env_prefixes",
@@ -641,6 +641,7 @@ def drain(app: App, /, **options: Any) -> None:
         docker=docker_config,
         credentials=CredentialPolicy(o["env_prefixes"], o["directories"]),
         drain_timeout=timedelta(seconds=o["drain_timeout"]),
+        webhook_timeout=timedelta(seconds=o["webhook_timeout"]),
     )
     drainer.install_signal_handlers()
     server = None
@@ -663,6 +664,7 @@ def _docker_config(o: dict[str, Any]) -> Any:
     return DockerConfig(
         mode=o["restart_mode"],
         stop_timeout=timedelta(seconds=o["stop_timeout"]),
+        reload_timeout=timedelta(seconds=o["reload_timeout"]),
         credential_env=o["credential_env"],
     )
 

@@ -5,6 +5,7 @@ URLs here often carry a token (chat webhooks do), so they never appear in a log 
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -15,7 +16,8 @@ from .errors import Undeliverable
 
 
 def post_json(url: str, body: Mapping[str, Any], *, timeout: float, headers: Mapping[str, str] = {}) -> int:
-    """POST ``body``; the HTTP status. Raises ``OSError`` when nothing answers within ``timeout``."""
+    """POST ``body``; the HTTP status. Raises ``OSError`` when nothing answers within ``timeout`` (or the
+    answer is not HTTP), ``Undeliverable`` for a URL that can never work -- neither message quoting it."""
     if not url.startswith(("http://", "https://")):
         raise Undeliverable("the URL must start with http:// or https://")
     request = urllib.request.Request(
@@ -30,3 +32,7 @@ def post_json(url: str, body: Mapping[str, Any], *, timeout: float, headers: Map
     except urllib.error.HTTPError as error:
         error.close()
         return int(error.code)
+    except (ValueError, http.client.InvalidURL) as error:  # their messages quote the URL, token and all
+        raise Undeliverable(f"the URL is not valid ({type(error).__name__})") from None
+    except http.client.HTTPException as error:
+        raise OSError(f"not an HTTP answer ({type(error).__name__})") from None

@@ -9,7 +9,7 @@ statement on an autocommit connection.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +48,8 @@ class Message:
     payload: dict[str, Any]
     attempts: int
     """Attempts so far, this one included."""
+    lease_no: int
+    """This claim's lease: every write of its holder must carry it (a fencing token)."""
     enqueued_at: datetime
 
 
@@ -146,23 +148,33 @@ class Outbox:
             raise
         return [Message(**row._mapping) for row in rows]
 
-    def heartbeat(self, *, worker: str, ids: Iterable[int], lease: timedelta) -> set[int]:
-        """Extend the leases ``worker`` still holds among ``ids``; the ids it still holds."""
-        ids = list(ids)
-        if not ids:
+    def heartbeat(self, *, worker: str, leases: Mapping[int, int], lease: timedelta) -> set[int]:
+        """Extend the ``leases`` (message id: lease number) ``worker`` still holds; the ids it still holds."""
+        if not leases:
             return set()
-        return set(self._run("heartbeat", worker=worker, ids=ids, lease=lease).scalars())
+        rows = self._run(
+            "heartbeat", worker=worker, ids=list(leases), lease_nos=list(leases.values()), lease=lease
+        )
+        return set(rows.scalars())
 
-    def complete(self, *, worker: str, results: dict[int, str]) -> set[int]:
-        """Mark messages done, in one statement; the ids whose lease ``worker`` still held."""
-        rows = self._run("complete", ids=list(results), results=list(results.values()), worker=worker)
+    def complete(self, *, worker: str, results: Iterable[tuple[Message, str]]) -> set[int]:
+        """Mark messages done with their results, in one statement; the ids whose lease ``worker``
+        still held."""
+        done = list(results)
+        rows = self._run(
+            "complete",
+            ids=[m.id for m, _ in done],
+            lease_nos=[m.lease_no for m, _ in done],
+            results=[result for _, result in done],
+            worker=worker,
+        )
         return set(rows.scalars())
 
     def fail(
         self,
         *,
         worker: str,
-        message_id: int,
+        message: Message,
         error: str,
         delay: timedelta,
         max_attempts: int,
@@ -171,7 +183,8 @@ class Outbox:
         """Record a failed attempt: pending again after ``delay``, or dead when attempts are used up (or
         ``final``). The new status, or None if the lease was lost meanwhile."""
         return self._fail(
-            id=message_id,
+            id=message.id,
+            lease_no=message.lease_no,
             worker=worker,
             error=error[:MAX_ERROR_LENGTH],
             delay=delay,
@@ -180,13 +193,15 @@ class Outbox:
             undo_attempt=0,
         )
 
-    def release(self, *, worker: str, message_id: int) -> str | None:
-        """Give back a claimed message whose handler never started: pending again, now, uncounted."""
+    def release(self, *, worker: str, message: Message, delay: timedelta = timedelta(0)) -> str | None:
+        """Give back a claimed message whose handler never started: pending again after ``delay``,
+        the attempt uncounted."""
         return self._fail(
-            id=message_id,
+            id=message.id,
+            lease_no=message.lease_no,
             worker=worker,
             error=None,
-            delay=timedelta(0),
+            delay=delay,
             max_attempts=2**31 - 1,
             final=False,
             undo_attempt=1,

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 
 from switcher import FailureKind, Switcher
 from switcher.api import database_url
-from switcher.drainer import Backoff, Claim, Drainer, DrainerConfig
+from switcher.drainer import Backoff, Claim, Drainer, DrainerConfig, LeaseLost
 from switcher.outbox import RESTART_AGENT, Outbox
 from tests import drainers
 from tests.conftest import outbox, outbox_rows, restart_rows, wait_for
@@ -254,9 +254,7 @@ def test_prefetched_messages_wait_for_a_handler_and_are_given_back_on_stop(sw: S
     thread.start()
     try:
         assert running.wait(60)
-        held = wait_for(
-            lambda: [r for r in restart_rows(sw) if r.status == "running"] or None, what="claims"
-        )
+        held = wait_for(lambda: [r for r in restart_rows(sw) if r.status == "running"] or None, what="claims")
         assert len(held) == 3, "one running, two prefetched; the fourth left to other drainers"
         assert all(r.leased_by == config.worker_id for r in held)
         drainer.stop()
@@ -270,3 +268,57 @@ def test_prefetched_messages_wait_for_a_handler_and_are_given_back_on_stop(sw: S
     assert rows[started[0]].status == "done"
     pending = [r for r in rows.values() if r.status == "pending"]
     assert len(pending) == 3 and all(r.attempts == 0 for r in pending), pending
+
+
+def test_a_message_claimed_again_while_its_old_handler_runs_gets_one_handler_at_a_time(
+    sw: Switcher, url: str
+) -> None:
+    """The drainer's lease ran out (say the database was away), another drainer reclaimed the message, and
+    this drainer claimed it again while the first handler still ran: no second handler starts beside the
+    first, whose next fence fails; the message is delivered afterwards, under a new lease."""
+    _setup(sw)
+    sw.handle_failure("agent0", "A", RL)
+    engine = create_engine(database_url(url))
+    leases: list[int] = []
+    fences: list[str] = []
+    first_running, go_on = threading.Event(), threading.Event()
+
+    def handler(claim: Claim) -> str:
+        leases.append(claim.message.lease_no)
+        if len(leases) == 1:
+            first_running.set()
+            go_on.wait(60)
+            try:
+                claim.fence()
+                fences.append("held")
+            except LeaseLost:
+                fences.append("lost")
+                raise
+        return "ok"
+
+    config = DrainerConfig(
+        concurrency=2, listen=False, poll_interval=timedelta(milliseconds=50), lease=timedelta(seconds=3)
+    )
+    drainer = Drainer(engine, {RESTART_AGENT: handler}, config)
+    thread = threading.Thread(target=drainer.run)
+    thread.start()
+    try:
+        assert first_running.wait(60)
+        with outbox(sw) as box:  # its lease runs out and is reclaimed, as by any drainer's housekeeping
+            box.conn.execute(text("UPDATE switcher.outbox SET leased_until = now() - interval '1 second'"))
+            assert box.reclaim_expired(max_attempts=10) != {}
+        wait_for(lambda: lease_no(sw) >= 2, what="the drainer claiming the message again")
+        go_on.set()
+        wait_for(lambda: [r.status for r in restart_rows(sw)] == ["done"], what="delivery under a new lease")
+    finally:
+        go_on.set()
+        drainer.stop()
+        thread.join(60)
+        engine.dispose()
+    assert fences == ["lost"], "the first handler learns at its fence that it no longer holds the message"
+    assert leases[0] == 1 and len(leases) == 2 and leases[1] >= 3, leases
+
+
+def lease_no(sw: Switcher) -> int:
+    with sw.engine.connect() as conn:
+        return int(conn.execute(text("SELECT max(lease_no) FROM switcher.outbox")).scalar_one())

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from switcher import (
     AsyncSwitcher,
@@ -22,7 +23,8 @@ from switcher import (
     Switcher,
 )
 from switcher.credentials import CredentialPolicy
-from tests.conftest import count, row_counts
+from switcher.drainer import Drainer
+from tests.conftest import count, row_counts, wait_for
 
 AUTH = FailureKind.AUTH
 
@@ -50,6 +52,52 @@ def test_a_retried_switch_returns_the_original_answer_and_switches_no_more(sw: S
     ), "the retry answers exactly what the lost attempt answered, not STALE"
     assert row_counts(sw) == before, "and writes nothing"
     assert sw.agent("alice").generation == 1
+
+
+def test_a_retry_queued_behind_its_own_first_attempt_returns_that_attempts_answer(sw: Switcher) -> None:
+    """The lost-reply retry that reaches the agent's lock while the first attempt still holds it: once
+    the first commits, the retry finds the agent moved -- by this very report -- and answers as it did."""
+    _two(sw, "C")
+    answers: dict[str, Outcome | object] = {}
+
+    def retry() -> None:
+        try:
+            answers["retry"] = sw.handle_failure("alice", "A", AUTH, "401", report_id="req-q")
+        except Exception as error:  # surfaced by the assertion below
+            answers["retry"] = error
+
+    with sw.engine.connect() as first:
+        first.begin()
+        original = sw.handle_failure("alice", "A", AUTH, "401", report_id="req-q", connection=first)
+        waiter = threading.Thread(target=retry)
+        waiter.start()
+        wait_for(
+            lambda: count_lock_waiters(sw) >= 1, what="the retry waiting for the first attempt's row lock"
+        )
+        first.commit()
+    waiter.join(60)
+    again = answers["retry"]
+    assert not isinstance(again, Exception), again
+    assert original.outcome is Outcome.SWITCHED
+    assert again.replayed and (again.outcome, again.new_subscription, again.generation, again.restart_id) == (  # type: ignore[union-attr]
+        original.outcome,
+        original.new_subscription,
+        original.generation,
+        original.restart_id,
+    )
+    assert count(sw, "switches") == 1 and count(sw, "failures") == 1
+
+
+def count_lock_waiters(sw: Switcher) -> int:
+    with sw.engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ).scalar_one()
+        )
 
 
 @pytest.mark.parametrize("outcome", [Outcome.NO_ALTERNATIVE, Outcome.DISABLED])
@@ -265,3 +313,12 @@ def test_async_connection_must_be_an_open_async_transaction(sw: Switcher, url: s
 def test_front_doors_refuse_the_wrong_engine(sw: Switcher, url: str) -> None:
     with pytest.raises(InvalidInput, match="AsyncSwitcher needs a SQLAlchemy AsyncEngine"):
         AsyncSwitcher(sw.engine)  # type: ignore[arg-type]
+    other = create_engine("sqlite://")  # any driver but psycopg 3: its queries would not even parse
+    try:
+        for door in (Switcher, lambda engine: Drainer(engine, {})):
+            with pytest.raises(
+                InvalidInput, match=r"psycopg 3 \(postgresql\+psycopg://\), got sqlite\+pysqlite"
+            ):
+                door(other)
+    finally:
+        other.dispose()

@@ -220,6 +220,25 @@ def test_a_failing_webhook_is_retried_then_dead(
     )
 
 
+def test_a_malformed_webhook_url_goes_dead_at_once_without_quoting_its_token(
+    sw: Switcher, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL the HTTP client refuses (a stray blank in a secret file, say): Python's error would quote its
+    path, where chat webhooks keep their token; the stored error and the logs must not."""
+    _setup(sw)
+    sw.update_settings(webhook=WEBHOOK)
+    monkeypatch.setenv("SWITCHER_CRED_WEBHOOK", "http://127.0.0.1:9/hook/webhook-token-xyz oops")
+    with drainer(url, max_attempts=5):
+        sw.handle_failure("alice", "A", RL, "429")
+        [row] = wait_for(
+            lambda: (rows := notify_rows(sw)) and rows[0].status == "dead" and rows,
+            timeout=WAIT,
+            what="the notification dead",
+        )
+    assert row.attempts == 1, f"a URL that can never work is dead at once: {row}"
+    assert "not valid" in (row.last_error or "") and "webhook-token-xyz" not in (row.last_error or ""), row
+
+
 def test_without_a_webhook_no_notification_is_enqueued(sw: Switcher) -> None:
     _setup(sw)
     assert sw.settings().webhook is None

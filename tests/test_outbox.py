@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from switcher import FailureKind, Switcher
 from switcher.drainer import Backoff
-from switcher.outbox import NOTIFY_SWITCH, RESTART_AGENT, Outbox
+from switcher.outbox import NOTIFY_SWITCH, RESTART_AGENT, Message, Outbox
 from tests.conftest import outbox, outbox_rows
 from tests.procs import run_together
 
@@ -24,8 +24,8 @@ def claim(box: Outbox, worker: str, limit: int = 10, placement: str | None = Non
     return box.claim(worker=worker, limit=limit, lease=LEASE, placement=placement, kinds=KINDS)
 
 
-def fail(box: Outbox, message_id: int, error: str, max_attempts: int, delay: timedelta = NOW) -> str | None:
-    return box.fail(worker="w", message_id=message_id, error=error, delay=delay, max_attempts=max_attempts)
+def fail(box: Outbox, message: Message, error: str, max_attempts: int, delay: timedelta = NOW) -> str | None:
+    return box.fail(worker="w", message=message, error=error, delay=delay, max_attempts=max_attempts)
 
 
 def _agents(sw: Switcher, n: int) -> None:
@@ -55,7 +55,7 @@ def test_claim_leases_and_complete_finishes(sw: Switcher) -> None:
         [message] = claim(box, "w1")
         assert (message.agent, message.generation, message.attempts) == ("agent0", 1, 1)
         assert claim(box, "w2") == [], "a leased message is not claimed again"
-        assert box.complete(worker="w1", results={message.id: "recreated"}) == {message.id}
+        assert box.complete(worker="w1", results=[(message, "recreated")]) == {message.id}
     [row] = outbox_rows(sw)
     assert (row.status, row.result, row.leased_by) == ("done", "recreated", "w1")
 
@@ -67,7 +67,7 @@ def _claim_until_empty(barrier: Any, url: str, worker: str) -> list[int]:
         while batch := claim(box, worker, limit=3):
             for message in batch:
                 seen.append(message.id)
-                box.complete(worker=worker, results={message.id: "ok"})
+                box.complete(worker=worker, results=[(message, "ok")])
         return seen
 
 
@@ -87,7 +87,7 @@ def test_no_claim_while_another_message_of_the_agent_runs(sw: Switcher) -> None:
     with outbox(sw) as box:
         [first] = claim(box, "w1")  # one per agent per claim
         assert claim(box, "w2") == [], "the agent has a running message"
-        box.complete(worker="w1", results={first.id: "ok"})
+        box.complete(worker="w1", results=[(first, "ok")])
         [second] = claim(box, "w2")
     assert second.id != first.id
 
@@ -144,8 +144,8 @@ def test_an_expired_lease_is_reclaimed_and_the_old_holder_cannot_complete(sw: Sw
         assert box.reclaim_expired(max_attempts=10) == {lost.id: "pending"}
         [again] = claim(box, "w2", limit=1)
         assert again.id == lost.id and again.attempts == 2
-        assert box.complete(worker="dead-drainer", results={lost.id: "late"}) == set(), "lease lost"
-        assert box.complete(worker="w2", results={again.id: "ok"}) == {again.id}
+        assert box.complete(worker="dead-drainer", results=[(lost, "late")]) == set(), "lease lost"
+        assert box.complete(worker="w2", results=[(again, "ok")]) == {again.id}
 
 
 def test_an_expired_older_message_is_superseded_by_the_newer_pending_one(sw: Switcher) -> None:
@@ -171,17 +171,36 @@ def test_a_message_whose_drainer_died_on_its_last_attempt_goes_dead(sw: Switcher
         assert box.reclaim_expired(max_attempts=1) == {message.id: "dead"}
 
 
+def test_a_lease_number_fences_a_holder_that_claimed_the_same_message_again(sw: Switcher) -> None:
+    """Its lease ran out, the message was reclaimed, and the same drainer claimed it again: the writes of
+    the old claim (its handler may still run) match nothing; the new claim's do."""
+    _agents(sw, 1)
+    _switch_all(sw, 1)
+    with outbox(sw) as box:
+        [old] = claim(box, "w", limit=1)
+        _expire_leases(sw)
+        box.reclaim_expired(max_attempts=10)
+        [new] = claim(box, "w", limit=1)
+        assert new.id == old.id and new.lease_no == old.lease_no + 1
+        assert box.heartbeat(worker="w", leases={old.id: old.lease_no}, lease=LEASE) == set()
+        assert box.complete(worker="w", results=[(old, "late")]) == set()
+        assert fail(box, old, "late", max_attempts=10) is None
+        assert box.release(worker="w", message=old) is None
+        assert box.heartbeat(worker="w", leases={new.id: new.lease_no}, lease=LEASE) == {new.id}
+        assert box.complete(worker="w", results=[(new, "ok")]) == {new.id}
+
+
 def test_failures_back_off_then_go_dead_and_can_be_retried(sw: Switcher) -> None:
     _agents(sw, 1)
     _switch_all(sw, 1)
     with outbox(sw) as box:
         [m] = claim(box, "w", limit=1)
-        assert fail(box, m.id, "boom", max_attempts=2, delay=timedelta(hours=1)) == "pending"
+        assert fail(box, m, "boom", max_attempts=2, delay=timedelta(hours=1)) == "pending"
         assert claim(box, "w", limit=1) == [], "not due before its backoff"
         box.conn.execute(text("UPDATE switcher.outbox SET available_at = now()"))
         [m] = claim(box, "w", limit=1)
         assert m.attempts == 2
-        assert fail(box, m.id, "boom again", max_attempts=2) == "dead"
+        assert fail(box, m, "boom again", max_attempts=2) == "dead"
         assert box.stats().dead == 1
         [row] = outbox_rows(sw)
         assert (row.status, row.last_error) == ("dead", "boom again")
@@ -196,9 +215,7 @@ def test_a_final_failure_goes_dead_at_once(sw: Switcher) -> None:
     _switch_all(sw, 1)
     with outbox(sw) as box:
         [m] = claim(box, "w", limit=1)
-        status = box.fail(
-            worker="w", message_id=m.id, error="refused", delay=NOW, max_attempts=10, final=True
-        )
+        status = box.fail(worker="w", message=m, error="refused", delay=NOW, max_attempts=10, final=True)
     assert status == "dead"
 
 
@@ -209,10 +226,10 @@ def test_retry_of_several_messages_of_one_agent_brings_back_only_the_newest(sw: 
     sw.handle_failure("agent0", "A", FailureKind.RATE_LIMIT)
     with outbox(sw) as box:
         [first] = claim(box, "w")
-        assert fail(box, first.id, "x", max_attempts=1) == "dead"
+        assert fail(box, first, "x", max_attempts=1) == "dead"
         sw.handle_failure("agent0", "B", FailureKind.RATE_LIMIT)
         [second] = claim(box, "w")
-        assert fail(box, second.id, "x", max_attempts=1) == "dead"
+        assert fail(box, second, "x", max_attempts=1) == "dead"
         statuses = box.retry(all_dead=True)
     assert statuses == {first.id: "superseded", second.id: "pending"}
 
@@ -235,7 +252,7 @@ def test_a_failure_while_a_newer_message_waits_supersedes(sw: Switcher) -> None:
     with outbox(sw) as box:
         [m] = claim(box, "w", limit=1)
         sw.handle_failure("agent0", "B", FailureKind.RATE_LIMIT)
-        assert fail(box, m.id, "x", max_attempts=5) == "superseded"
+        assert fail(box, m, "x", max_attempts=5) == "superseded"
         assert box.stats().pending == 1
 
 
@@ -244,7 +261,7 @@ def test_release_gives_back_a_claim_uncounted(sw: Switcher) -> None:
     _switch_all(sw, 1)
     with outbox(sw) as box:
         [m] = claim(box, "w", limit=1)
-        assert box.release(worker="w", message_id=m.id) == "pending"
+        assert box.release(worker="w", message=m) == "pending"
         [again] = claim(box, "w", limit=1)
     assert again.attempts == 1
 

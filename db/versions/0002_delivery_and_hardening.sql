@@ -42,6 +42,10 @@ CREATE INDEX outbox_pending_idx ON switcher.outbox (id) WHERE status = 'pending'
 -- upgrade: (see above)
 ALTER TABLE switcher.outbox SET (fillfactor = 70)
 
+-- upgrade: every claim of a message is a new lease with its own number, the fencing token its holder's
+-- writes must match: a holder whose lease ran out can change nothing, even if it claims the message again
+ALTER TABLE switcher.outbox ADD COLUMN lease_no integer NOT NULL DEFAULT 0
+
 -- upgrade: a failure remembers its report and the answer it got, so a retry gets the same answer
 ALTER TABLE switcher.failures
     ADD COLUMN report_id text,
@@ -391,9 +395,9 @@ BEGIN
           AND (p_generation IS NULL OR a.generation = p_generation)
         FOR UPDATE;
         IF NOT FOUND THEN
-            SELECT a.subscription_id, a.generation, s.name AS subscription,
+            SELECT a.id, a.subscription_id, a.generation, s.name AS subscription,
                    EXISTS (SELECT FROM switcher.failures f WHERE f.report_id = p_report_id) AS answered
-            INTO v_agent
+            INTO v_agent  -- a new row type for the record: every field used below is selected here
             FROM switcher.agents a LEFT JOIN switcher.subscriptions s ON s.id = a.subscription_id
             WHERE a.id = v_agent.id;
             IF NOT FOUND THEN
@@ -643,7 +647,7 @@ $$
 CREATE FUNCTION switcher.claim_v2(
     p_worker text, p_limit integer, p_lease interval, p_placement text, p_kinds text[])
 RETURNS TABLE (id bigint, kind text, agent_id bigint, agent text, generation bigint, payload jsonb,
-               attempts integer, enqueued_at timestamptz)
+               attempts integer, lease_no integer, enqueued_at timestamptz)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_sort = off
@@ -681,12 +685,12 @@ BEGIN
     END LOOP;
     RETURN QUERY
     UPDATE switcher.outbox o
-    SET status = 'running', attempts = o.attempts + 1, leased_until = now() + p_lease,
-        leased_by = p_worker, updated_at = now()
+    SET status = 'running', attempts = o.attempts + 1, lease_no = o.lease_no + 1,
+        leased_until = now() + p_lease, leased_by = p_worker, updated_at = now()
     WHERE o.id = ANY (v_ids)
     RETURNING o.id, o.kind, o.agent_id,
               COALESCE((SELECT a.name FROM switcher.agents a WHERE a.id = o.agent_id), o.payload ->> 'agent'),
-              o.generation, o.payload, o.attempts, o.enqueued_at;
+              o.generation, o.payload, o.attempts, o.lease_no, o.enqueued_at;
 END
 $$
 
@@ -742,7 +746,7 @@ DELETE FROM switcher.outbox WHERE agent_id IS NULL
 UPDATE switcher.outbox SET status = 'dead' WHERE status = 'cancelled'
 
 -- downgrade: the outbox
-ALTER TABLE switcher.outbox ALTER COLUMN agent_id SET NOT NULL,
+ALTER TABLE switcher.outbox DROP COLUMN lease_no, ALTER COLUMN agent_id SET NOT NULL,
     DROP CONSTRAINT outbox_status_check,
     ADD CONSTRAINT outbox_status_check
         CHECK (status IN ('pending', 'running', 'done', 'dead', 'superseded'))

@@ -104,7 +104,7 @@ class CompletionBuffer:
         self.leases.recording(c.message.id for c in completions)
         done = [c for c in completions if c.result is not None]
         if done:
-            results = {c.message.id: str(c.result) for c in done}
+            results = [(c.message, str(c.result)) for c in done]
             worker = self.config.worker_id
             held = self._persist(lambda conn: Outbox(conn).complete(worker=worker, results=results))
             counted: Counter[tuple[str, str]] = Counter()
@@ -129,14 +129,14 @@ class CompletionBuffer:
         cfg, message = self.config, c.message
         worker = cfg.worker_id
         if c.give_back:
-            status = self._persist(lambda conn: Outbox(conn).release(worker=worker, message_id=message.id))
+            status = self._persist(lambda conn: Outbox(conn).release(worker=worker, message=message))
             self._count(message, "released" if status else "lost_lease")
             return
         error = redact(str(c.error))
         status = self._persist(
             lambda conn: Outbox(conn).fail(
                 worker=worker,
-                message_id=message.id,
+                message=message,
                 error=error,
                 delay=cfg.backoff.delay(message.attempts),
                 max_attempts=cfg.max_attempts,

@@ -102,9 +102,12 @@ class AgentDelivery:
                 self._wait_for_executions(registry)
                 yield
             finally:
-                # A connection lost meanwhile (PostgreSQL restarted) took the lock with it.
-                with contextlib.suppress(DBAPIError):
+                try:
                     registry.open_gate(self.agent_id)
+                except DBAPIError:
+                    # A lost connection (PostgreSQL restarted) took the lock with it; any other failure
+                    # must not send a session still holding it back to the pool: close it.
+                    conn.invalidate()
 
     def _close_gate(self, registry: Registry) -> None:
         """Take the gate. Executions registering hold it shared for a moment; another drainer holding it

@@ -40,15 +40,25 @@ class Leases:
         self.worker = worker
         self.lease = lease
         self._states: dict[int, State] = {}
+        self._lease_nos: dict[int, int] = {}
         self._busy = 0  # queued or running: what takes a handler slot
         self._lost: set[int] = set()  # found lost and reported; still held until their handler ends
         self._lock = threading.Lock()
 
-    def take(self, messages: Iterable[Message]) -> None:
+    def take(self, messages: Iterable[Message]) -> list[Message]:
+        """Hold newly claimed messages; those already held are left out of what it returns: their lease
+        ran out and this drainer claimed them again while their handler still runs. That handler fails its
+        next fence; the caller gives the new claim back."""
+        taken = []
         with self._lock:
             for message in messages:
+                if message.id in self._states:
+                    continue
                 self._states[message.id] = State.QUEUED
+                self._lease_nos[message.id] = message.lease_no
                 self._busy += 1
+                taken.append(message)
+        return taken
 
     def start(self, message_id: int) -> bool:
         """Mark a queued message running; False if it is no longer held (given back at shutdown)."""
@@ -77,6 +87,7 @@ class Leases:
             for message_id in message_ids:
                 if self._states.pop(message_id, None) in (State.QUEUED, State.RUNNING):
                     self._busy -= 1
+                self._lease_nos.pop(message_id, None)
                 self._lost.discard(message_id)
 
     def busy(self) -> int:
@@ -92,15 +103,15 @@ class Leases:
         """Extend every held lease; the ids newly found lost. Their handlers learn it at their next
         ``fence``, their outcomes when the buffer finds the lease gone."""
         with self._lock:
-            ids = list(self._states)
-        if not ids:
+            leases = dict(self._lease_nos)
+        if not leases:
             return []
         with self.engine.connect() as conn:
-            renewed = Outbox(conn).heartbeat(worker=self.worker, ids=ids, lease=self.lease)
+            renewed = Outbox(conn).heartbeat(worker=self.worker, leases=leases, lease=self.lease)
         with self._lock:
             lost = [
                 i
-                for i in ids
+                for i in leases
                 if i not in renewed
                 and i not in self._lost
                 and self._states.get(i) in (State.QUEUED, State.RUNNING, State.FINISHED)
@@ -108,12 +119,15 @@ class Leases:
             self._lost.update(lost)
         return lost
 
-    def fence(self, message_id: int) -> None:
-        """Renew one lease now, or raise ``LeaseLost``: what a handler calls before a destructive step."""
+    def fence(self, message: Message) -> None:
+        """Renew this claim's lease now, or raise ``LeaseLost``: what a handler calls before a destructive
+        step."""
         with self.engine.connect() as conn:
-            held = Outbox(conn).heartbeat(worker=self.worker, ids=[message_id], lease=self.lease)
-        if message_id not in held:
-            raise LeaseLost(f"message {message_id} is no longer leased to {self.worker}")
+            held = Outbox(conn).heartbeat(
+                worker=self.worker, leases={message.id: message.lease_no}, lease=self.lease
+            )
+        if message.id not in held:
+            raise LeaseLost(f"message {message.id} (lease {message.lease_no}) is no longer {self.worker}'s")
 
 
 class Abandoned(Exception):
@@ -132,4 +146,4 @@ class Claim:
 
     def fence(self) -> None:
         """Raise ``LeaseLost`` unless this drainer still holds the message; renews its lease."""
-        self.leases.fence(self.message.id)
+        self.leases.fence(self.message)

@@ -32,7 +32,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from .. import metrics
+from .. import metrics, sql
 from ..api import database_url
 from ..credentials import CredentialPolicy
 from ..errors import InvalidInput, Undeliverable
@@ -52,6 +52,7 @@ PRUNE_BATCH = 500
 
 class Drainer:
     def __init__(self, engine: Engine, handlers: Handlers, config: DrainerConfig | None = None) -> None:
+        sql.require_driver(engine.dialect, "Drainer")
         self.engine = autocommit(engine)
         self.handlers = dict(handlers)
         self.config = config or DrainerConfig()
@@ -202,7 +203,11 @@ class Drainer:
                 kinds=list(self.handlers),
             )
             until_due = None if claimed else outbox.seconds_until_due()
-        self.leases.take(claimed)
+            taken = self.leases.take(claimed)
+            for message in claimed:
+                if message not in taken:  # its previous lease's handler still runs here: after it ends
+                    outbox.release(worker=cfg.worker_id, message=message, delay=cfg.lease / 3)
+            claimed = taken
         for kind, count in Counter(m.kind for m in claimed).items():
             metrics.child(metrics.CLAIMED, kind).inc(count)
         for message in claimed:

@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, CursorResult
+from sqlalchemy.engine import Dialect
+
+from ..errors import InvalidInput
 
 _HEADER = re.compile(r"^-- (name|function|upgrade|downgrade): *(.+?) *$", re.MULTILINE)
 _FUNCTION_NAME = re.compile(r"CREATE (?:OR REPLACE )?FUNCTION switcher\.(\w+)\(")
@@ -65,6 +68,19 @@ class SqlFile:
     def run(self, conn: Connection, query: str, **params: Any) -> CursorResult[Any]:
         """Run a named query on ``conn``, in whatever transaction ``conn`` is in."""
         return conn.exec_driver_sql(self.queries[query], params)
+
+
+DRIVER = "psycopg"
+"""The driver every query is written for (its parameter style, its LISTEN): psycopg 3, sync or async."""
+
+
+def require_driver(dialect: Dialect, who: str) -> None:
+    """Refuse an engine of another driver up front, not with a syntax error at the first query."""
+    if dialect.name != "postgresql" or dialect.driver != DRIVER:
+        raise InvalidInput(
+            f"{who} needs a PostgreSQL engine on psycopg 3 (postgresql+psycopg://), "
+            f"got {dialect.name}+{dialect.driver}"
+        )
 
 
 def driver_statement(sql: str) -> str:

@@ -12,7 +12,9 @@
 -- A message about an agent (agent_id set, e.g. restart_agent) coalesces with that agent's pending message
 -- of its kind, and never runs while another message of the agent runs (outbox_one_running_idx). An event
 -- (agent_id NULL, e.g. notify_switch) is delivered once per message and runs on any drainer.
--- Every change after a claim is conditional on still holding the lease (leased_by, status = 'running').
+-- Every claim is a new lease with its own number (lease_no), and every change after a claim is conditional
+-- on still holding that lease: a drainer whose lease ran out can change nothing, even once it has claimed
+-- the same message again.
 -- Each query is one statement: drainers run them in autocommit mode, one round trip each.
 
 
@@ -55,7 +57,7 @@ $$;
 CREATE FUNCTION switcher.claim_v2(
     p_worker text, p_limit integer, p_lease interval, p_placement text, p_kinds text[])
 RETURNS TABLE (id bigint, kind text, agent_id bigint, agent text, generation bigint, payload jsonb,
-               attempts integer, enqueued_at timestamptz)
+               attempts integer, lease_no integer, enqueued_at timestamptz)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_sort = off
@@ -93,12 +95,12 @@ BEGIN
     END LOOP;
     RETURN QUERY
     UPDATE switcher.outbox o
-    SET status = 'running', attempts = o.attempts + 1, leased_until = now() + p_lease,
-        leased_by = p_worker, updated_at = now()
+    SET status = 'running', attempts = o.attempts + 1, lease_no = o.lease_no + 1,
+        leased_until = now() + p_lease, leased_by = p_worker, updated_at = now()
     WHERE o.id = ANY (v_ids)
     RETURNING o.id, o.kind, o.agent_id,
               COALESCE((SELECT a.name FROM switcher.agents a WHERE a.id = o.agent_id), o.payload ->> 'agent'),
-              o.generation, o.payload, o.attempts, o.enqueued_at;
+              o.generation, o.payload, o.attempts, o.lease_no, o.enqueued_at;
 END
 $$;
 
@@ -114,21 +116,23 @@ SELECT pg_notify(:channel, :message)
 SELECT id FROM switcher.agents WHERE name = :agent
 
 -- name: claim
-SELECT id, kind, agent_id, agent, generation, payload, attempts, enqueued_at
+SELECT id, kind, agent_id, agent, generation, payload, attempts, lease_no, enqueued_at
 FROM switcher.claim_v2(:worker, :limit, :lease, :placement, CAST(:kinds AS text[]))
 
 
 -- name: heartbeat
--- Extend the leases :worker still holds; the ids it still holds.
-UPDATE switcher.outbox SET leased_until = now() + :lease
-WHERE id = ANY (CAST(:ids AS bigint[])) AND status = 'running' AND leased_by = :worker
-RETURNING id
+-- Extend the leases (:ids, :lease_nos) :worker still holds; the ids of those it still holds.
+UPDATE switcher.outbox o SET leased_until = now() + :lease
+FROM unnest(CAST(:ids AS bigint[]), CAST(:lease_nos AS integer[])) AS h(id, lease_no)
+WHERE o.id = h.id AND o.lease_no = h.lease_no AND o.status = 'running' AND o.leased_by = :worker
+RETURNING o.id
 
 -- name: complete
 UPDATE switcher.outbox o
 SET status = 'done', result = d.result, leased_until = NULL, updated_at = now()
-FROM unnest(CAST(:ids AS bigint[]), CAST(:results AS text[])) AS d(id, result)
-WHERE o.id = d.id AND o.status = 'running' AND o.leased_by = :worker
+FROM unnest(CAST(:ids AS bigint[]), CAST(:lease_nos AS integer[]), CAST(:results AS text[]))
+     AS d(id, lease_no, result)
+WHERE o.id = d.id AND o.lease_no = d.lease_no AND o.status = 'running' AND o.leased_by = :worker
 RETURNING o.id
 
 -- name: fail
@@ -147,7 +151,7 @@ SET status = CASE
     leased_until = NULL,
     last_error = COALESCE(:error, o.last_error),
     updated_at = now()
-WHERE o.id = :id AND o.status = 'running' AND o.leased_by = :worker
+WHERE o.id = :id AND o.lease_no = :lease_no AND o.status = 'running' AND o.leased_by = :worker
 RETURNING o.status
 
 -- name: reclaim_expired

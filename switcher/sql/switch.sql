@@ -293,9 +293,9 @@ BEGIN
           AND (p_generation IS NULL OR a.generation = p_generation)
         FOR UPDATE;
         IF NOT FOUND THEN
-            SELECT a.subscription_id, a.generation, s.name AS subscription,
+            SELECT a.id, a.subscription_id, a.generation, s.name AS subscription,
                    EXISTS (SELECT FROM switcher.failures f WHERE f.report_id = p_report_id) AS answered
-            INTO v_agent
+            INTO v_agent  -- a new row type for the record: every field used below is selected here
             FROM switcher.agents a LEFT JOIN switcher.subscriptions s ON s.id = a.subscription_id
             WHERE a.id = v_agent.id;
             IF NOT FOUND THEN
