@@ -99,6 +99,23 @@ def docker_client() -> Iterator[Any]:
 
 
 @pytest.fixture
+def network(docker_client: Any) -> Iterator[Callable[..., Any]]:
+    """Make Docker networks; removed after the test, with whatever container is still on them."""
+    made: list[Any] = []
+
+    def make(name: str, **kwargs: Any) -> Any:
+        made.append(docker_client.networks.create(f"{name}-{uuid.uuid4().hex[:6]}", **kwargs))
+        return made[-1]
+
+    yield make
+    for net in made:
+        net.reload()
+        for container in net.containers:
+            container.remove(force=True)
+        net.remove()
+
+
+@pytest.fixture
 def agent_container(docker_client: Any) -> Iterator[Callable[..., Any]]:
     """Start agent containers that are removed after the test, whatever name they end up with."""
     from switcher.demo.image import AGENT_IMAGE

@@ -118,12 +118,15 @@ def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
 # -- the checker -----------------------------------------------------------------------------------------
 
 
-def delivery_violations(sw: Switcher, docker_client: Any, agent: str, *, running: bool) -> list[str]:
+def delivery_violations(
+    sw: Switcher, docker_client: Any, agent: str, *, running: bool, name: str | None = None
+) -> list[str]:
     """What D1 says is wrong with ``agent`` once the outbox settled (empty: nothing).
 
-    ``running`` is the run state the agent's container had before the deliveries began."""
+    ``running`` is the run state the agent's container had before the deliveries began; ``name`` its
+    container's name, for an agent registered without one (found by label)."""
     current = sw.agent(agent)
-    name = current.container
+    name = name or current.container
     assert name is not None, f"agent {agent} has no container name"
     problems: list[str] = []
     containers = docker_client.containers.list(all=True, filters={"name": name})
@@ -460,6 +463,136 @@ def _inject(
     print(f"[D1] {fault.id}: messages {[(r.status, r.attempts, r.result) for r in restart_rows(sw)]}")
     figures.add(fault.id, Counter({fault.kind: 1}), agents=1, violations=len(problems))
     assert not problems, "\n".join(problems)
+
+
+# -- interrupted recreates that need more than a start -----------------------------------------------------
+
+
+def test_an_interrupted_recreate_of_an_agent_found_by_label_is_finished(
+    sw: Switcher,
+    url: str,
+    docker_client: Any,
+    agent_container: Callable[..., Any],
+    proxy: DockerProxy,
+    fleet: Callable[[str], Fleet],
+    figures: Figures,
+) -> None:
+    """An agent registered without a container name is found by its ``switcher.agent`` label. Killed after
+    the rename, before the create: only the parked container is left, and the next delivery finishes the
+    recreate under the parked container's name (not ``no_container``)."""
+    container = agent_container("d1-label", labels={"switcher.agent": "alice"})
+    for name in "AB":
+        sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}")
+    sw.add_agent("alice", subscription="A")  # no container name
+    drainers_ = fleet(url)
+    rule = arm(proxy, "create")
+    drainers_.start(proxy.base_url)
+    assert sw.handle_failure("alice", "A", RL, "429").switched
+
+    drainers_.kill(drainers_.reach(rule).pid)
+    at = where(docker_client, container.name)
+    assert at == "parked(generation -, exited)", f"the fault left only the parked container: {at}"
+    proxy.clear()
+    drainers_.start(proxy.base_url)
+    settle(sw)
+
+    assert [r.result for r in restart_rows(sw)] == ["recreated"]
+    problems = delivery_violations(sw, docker_client, "alice", running=True, name=container.name)
+    figures.add("found-by-label-killed-before-create", Counter({KILLED_AT["create"]: 1}), 1, len(problems))
+    assert not problems, "\n".join(problems)
+
+
+def test_a_replacement_interrupted_between_its_network_connects_gets_every_network(
+    sw: Switcher,
+    url: str,
+    docker_client: Any,
+    agent_container: Callable[..., Any],
+    network: Callable[[str], Any],
+    proxy: DockerProxy,
+    fleet: Callable[[str], Fleet],
+    figures: Figures,
+) -> None:
+    """The replacement is created on the primary network, then connected to each extra one. Killed between
+    two connects, it exists with the target generation but not every network: the next delivery connects
+    the missing ones (from the parked old container) before it starts it."""
+    primary, first, second = network("d1-net-p"), network("d1-net-a"), network("d1-net-b")
+    container = agent_container("d1-nets", network=primary.name)
+    first.connect(container, aliases=["alice-a"])
+    second.connect(container, aliases=["alice-b"])
+    for name in "AB":
+        sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}")
+    sw.add_agent("alice", subscription="A", container=container.name)
+    drainers_ = fleet(url)
+    # Networks are connected in name order: the kill lands with the first connected, the second not.
+    rule = proxy.hold("POST", rf"/networks/{second.name}/connect")
+    drainers_.start(proxy.base_url)
+    assert sw.handle_failure("alice", "A", RL, "429").switched
+
+    drainers_.kill(drainers_.reach(rule).pid)
+    half = docker_client.containers.get(container.name)
+    assert set(half.attrs["NetworkSettings"]["Networks"]) == {primary.name, first.name}, "fault placed"
+    proxy.clear()
+    drainers_.start(proxy.base_url)
+    settle(sw)
+
+    problems = delivery_violations(sw, docker_client, "alice", running=True)
+    new = docker_client.containers.get(container.name)
+    networks = new.attrs["NetworkSettings"]["Networks"]
+    if set(networks) != {primary.name, first.name, second.name}:
+        problems.append(f"alice: on networks {sorted(networks)}, not on all three")
+    elif "alice-b" not in (networks[second.name].get("Aliases") or []):
+        problems.append(f"alice: lost its alias on {second.name}: {networks[second.name]}")
+    figures.add(
+        "killed-between-network-connects", Counter({"kill -9 between network connects": 1}), 1, len(problems)
+    )
+    assert not problems, "\n".join(problems)
+
+
+def test_a_reload_command_running_past_its_timeout_is_reported_as_a_timeout(
+    sw: Switcher,
+    url: str,
+    docker_client: Any,
+    agent_container: Callable[..., Any],
+    proxy: DockerProxy,
+    fleet: Callable[[str], Fleet],
+) -> None:
+    """The exec's stream ends (its connection cut) while the reload command still runs: at the reload
+    timeout the reload failed as timed out -- not "exited with None" from an exit code it does not have."""
+    hook = "cat > /tmp/credential; sleep 600"
+    container = agent_container("d1-reload", labels={"switcher.reload-command": hook})
+    for name in "AB":
+        sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}")
+    sw.add_agent("alice", subscription="A", container=container.name)
+    started = proxy.notify("POST", r"/exec/[^/]+/start")
+    drainers_ = fleet(url)
+    drainers_.add(
+        *drainers.start(
+            url,
+            "docker",
+            poll_interval=timedelta(seconds=0.2),
+            lease=LEASE,
+            max_attempts=1,
+            docker=DockerConfig(
+                base_url=proxy.base_url,
+                mode="reload",
+                stop_timeout=STOP_TIMEOUT,
+                reload_timeout=timedelta(seconds=5),
+            ),
+        )
+    )
+    sw.handle_failure("alice", "A", RL, "429")
+    drainers_.reach(started)
+    wait_for(
+        lambda: container.exec_run(["cat", "/tmp/credential"]).exit_code == 0,
+        what="the reload command read its standard input to the end",
+    )
+    # Only the exec's upgraded connection is open now (the drainer waits on it); cut it.
+    proxy.cut()
+    settle(sw)
+
+    [row] = restart_rows(sw)
+    assert row.status == "dead" and "reload command still running after 5 s" in (row.last_error or ""), row
+    assert "None" not in (row.last_error or ""), row
 
 
 # -- a randomized run ------------------------------------------------------------------------------------

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import os
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
+from docker.types import IPAMConfig, IPAMPool, Mount
 from sqlalchemy import text
 
 from switcher import FailureKind, Switcher
 from switcher.drainer import Backoff, Drainer, DrainerConfig
+from switcher.outbox import Outbox
 from switcher.runtime.docker import DockerConfig
 from tests import drainers
 from tests.conftest import restart_rows, wait_for
@@ -240,3 +245,171 @@ def test_restart_mode_restarts_and_a_redelivery_is_a_no_op(
     assert row.result == "already_applied"
     container.reload()
     assert container.attrs["State"]["StartedAt"] == started, "not restarted twice"
+
+
+def _deliver(sw: Switcher, url: str, docker: DockerConfig = FAST_STOP, max_attempts: int = 10) -> Any:
+    """Run a drainer (in a thread) until every restart message finished; the newest row."""
+    config = DrainerConfig(
+        poll_interval=timedelta(seconds=0.2),
+        backoff=Backoff(timedelta(milliseconds=50), timedelta(milliseconds=200)),
+        max_attempts=max_attempts,
+    )
+    stop = _in_thread(Drainer.from_url(url, config=config, docker=docker))
+    try:
+        return wait_for(
+            lambda: (rs := restart_rows(sw)) and all(r.status in ("done", "dead") for r in rs) and rs[-1],
+            timeout=90,
+            what="the restart message finished",
+        )
+    finally:
+        stop()
+
+
+def _intents(sw: Switcher) -> list[Any]:
+    with sw.engine.connect() as conn:
+        return list(conn.execute(text("SELECT intended_running FROM switcher.deliveries")).scalars())
+
+
+@pytest.mark.parametrize(
+    ("ref", "attempts"),
+    [("env:OUTSIDE_THE_ALLOWLIST", 1), ("env:SWITCHER_CRED_NOT_SET", 2)],
+    ids=["refused", "missing"],
+)
+def test_an_unresolvable_credential_leaves_no_recreate_intent_behind(
+    sw: Switcher, url: str, docker_client: Any, agent_container: Callable[..., Any], ref: str, attempts: int
+) -> None:
+    """D1: the credential is resolved before the run state to restore is recorded, so a refused (dead at
+    once) or missing (dead after its retries) credential leaves no recreate "in progress"."""
+    container = agent_container("agent-alice")
+    sw.add_subscription("A", credential_ref="env:SWITCHER_CRED_A")
+    sw.add_subscription("B", credential_ref=ref)
+    sw.add_agent("alice", subscription="A", container=container.name)
+    sw.handle_failure("alice", "A", RL, "429")
+
+    row = _deliver(sw, url, max_attempts=2)
+
+    assert (row.status, row.attempts) == ("dead", attempts), row
+    assert _intents(sw) in ([], [None]), "no recreate intent is left for a delivery that changed nothing"
+    with sw.engine.connect() as conn:
+        assert Outbox(conn).unfinished_deliveries() == [], "switcher check reports nothing interrupted"
+    after = docker_client.containers.get(container.name)
+    assert (after.id, after.status) == (container.id, "running"), "the container is untouched"
+
+
+def test_a_restart_interrupted_after_its_stop_is_finished_by_the_redelivery(
+    sw: Switcher, url: str, docker_client: Any, agent_container: Callable[..., Any], tmp_path: Path
+) -> None:
+    """D1 in restart mode: the run state is recorded before the restart. The fault: the bind mount's source
+    is gone, so dockerd's restart stops the container and then fails to start it (the attempt fails)."""
+    source = tmp_path / "data"
+    source.mkdir()
+    container = agent_container("agent-alice", mounts=[Mount("/data", str(source), type="bind")])
+    _setup(sw, container.name, subs="AB")
+    source.rmdir()
+    sw.handle_failure("alice", "A", RL, "429")
+    config = DrainerConfig(
+        poll_interval=timedelta(seconds=0.2),
+        backoff=Backoff(timedelta(milliseconds=50), timedelta(milliseconds=200)),
+        max_attempts=1000,
+    )
+    restart = DockerConfig(mode="restart", stop_timeout=timedelta(seconds=2))
+    stop = _in_thread(Drainer.from_url(url, config=config, docker=restart))
+    try:
+        wait_for(
+            lambda: (r := restart_rows(sw)[0]).last_error and "Cannot restart" in r.last_error,
+            what="the restart failed after its stop",
+        )
+        container.reload()
+        assert container.status == "exited", "the fault left the container stopped"
+        source.mkdir()  # the restart can succeed again
+        row = wait_for(lambda: (r := restart_rows(sw)[0]).status == "done" and r, what="restart done")
+    finally:
+        stop()
+    assert row.result == "restarted", f"D1: the redelivery restores the recorded run state: {row}"
+    container.reload()
+    assert container.status == "running", "D1: the agent runs again"
+    assert _intents(sw) == [None]
+
+
+def test_volumes_declared_with_mount_are_kept_by_a_recreate(
+    sw: Switcher, url: str, docker_client: Any, agent_container: Callable[..., Any]
+) -> None:
+    """``--mount type=volume`` (HostConfig.Mounts), named and anonymous: the recreate mounts the same
+    volumes once each (not again as Binds: a duplicate mount point is refused), with their data."""
+    named = f"switcher-test-{uuid.uuid4().hex[:8]}"
+    container = agent_container(
+        "agent-alice",
+        mounts=[Mount("/named", named, type="volume"), Mount("/anon", None, type="volume")],
+    )
+    volumes = [m["Name"] for m in container.attrs["Mounts"]]
+    try:
+        assert container.exec_run(["sh", "-c", "echo n > /named/f; echo a > /anon/f"]).exit_code == 0
+        _setup(sw, container.name, subs="AB")
+        sw.handle_failure("alice", "A", RL, "429")
+
+        row = _deliver(sw, url)
+
+        assert (row.status, row.result) == ("done", "recreated"), row
+        new = docker_client.containers.get(container.name)
+        assert new.id != container.id and new.status == "running"
+        assert sorted(m["Name"] for m in new.attrs["Mounts"]) == sorted(volumes), "the same volumes"
+        assert new.exec_run(["cat", "/named/f", "/anon/f"]).output.decode().split() == ["n", "a"]
+    finally:
+        for container_ in docker_client.containers.list(all=True, filters={"name": container.name}):
+            container_.remove(force=True)
+        for volume in volumes:
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.volumes.get(volume).remove(force=True)
+
+
+def test_a_hex_container_name_never_resolves_to_another_containers_id(
+    sw: Switcher, url: str, docker_client: Any, agent_container: Callable[..., Any]
+) -> None:
+    """An agent's container is looked up by its exact name: ``containers.get`` would also take the name as
+    a prefix of an unrelated container's ID, and recreate that one."""
+    bystander = agent_container("bystander")
+    prefix = bystander.id[:12]
+    for name in "AB":
+        sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}")
+    sw.add_agent("ghost", subscription="A", container=prefix)
+    sw.handle_failure("ghost", "A", RL)
+    try:
+        row = _deliver(sw, url)
+    finally:  # the bystander, renamed, should the lookup take it
+        for leftover in docker_client.containers.list(all=True, filters={"name": prefix}):
+            leftover.remove(force=True)
+    assert (row.status, row.result) == ("done", "no_container"), row
+    after = docker_client.containers.get(bystander.id)
+    assert (after.name, after.status) == (bystander.name, "running"), "the bystander is untouched"
+    assert "switcher.agent" not in after.labels
+
+
+def test_a_recreate_keeps_the_networks_their_aliases_and_static_addresses(
+    sw: Switcher,
+    url: str,
+    docker_client: Any,
+    agent_container: Callable[..., Any],
+    network: Callable[..., Any],
+) -> None:
+    primary = network("agents")
+    subnet = f"10.{200 + uuid.uuid4().int % 50}.{uuid.uuid4().int % 250}"
+    extra = network(
+        "tools", ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=f"{subnet}.0/24", gateway=f"{subnet}.1")])
+    )
+    old = agent_container("agent-alice", network=primary.name)
+    extra.connect(old, aliases=["brain"], ipv4_address=f"{subnet}.9")
+    _setup(sw, old.name, subs="AB")
+    sw.handle_failure("alice", "A", RL, "429")
+    stop = _in_thread(
+        Drainer.from_url(url, config=DrainerConfig(poll_interval=timedelta(seconds=0.2)), docker=FAST_STOP)
+    )
+    try:
+        wait_for(lambda: restart_rows(sw)[0].status == "done", what="the recreate")
+    finally:
+        stop()
+    new = docker_client.containers.get(old.name)
+    assert new.id != old.id and new.status == "running"
+    networks = new.attrs["NetworkSettings"]["Networks"]
+    assert set(networks) == {primary.name, extra.name}
+    assert networks[extra.name]["IPAddress"] == f"{subnet}.9", "the static address is kept"
+    assert "brain" in (networks[extra.name]["Aliases"] or []), "and the aliases"

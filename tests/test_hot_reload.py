@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from switcher import FailureKind, Switcher
 from switcher.drainer import Backoff, Drainer, DrainerConfig
+from switcher.outbox import RESTART_AGENT
 from switcher.runtime.docker import LABEL_RELOAD_COMMAND, LABEL_RELOAD_URL, DockerConfig
 from tests.conftest import outbox, restart_rows, wait_for
 
@@ -315,3 +316,61 @@ def test_reload_mode_without_a_hook_goes_dead_with_a_clear_error(
     assert container.name in row.last_error, f"and which container lacks it: {row.last_error}"
     after = docker_client.containers.get(container.name)
     assert after.id == container.id and after.status == "running", "mode reload never recreates"
+
+
+@pytest.mark.parametrize(
+    ("labels", "paused", "said"),
+    [
+        ({LABEL_RELOAD_COMMAND: '["cat", > /tmp/credential'}, False, "not valid JSON"),
+        ({LABEL_RELOAD_COMMAND: "cat > /tmp/credential"}, True, "is paused"),
+    ],
+    ids=["invalid-json-label", "exec-refused-paused"],
+)
+def test_a_reload_hook_that_cannot_run_falls_back_to_a_recreate(
+    sw: Switcher,
+    url: str,
+    docker_client: Any,
+    agent_container: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+    labels: dict[str, str],
+    paused: bool,
+    said: str,
+) -> None:
+    """D2: a reload command label that does not parse, or an exec Docker refuses (409: the container is
+    paused), is a failed reload like any other: it falls back to the recreate in the same attempt."""
+    container = agent_container("agent-alice", labels=labels)
+    if paused:
+        container.pause()
+    _setup(sw, container.name)
+    caplog.set_level(logging.WARNING, logger="switcher")
+    sw.handle_failure("alice", "A", RL, "429")
+
+    row = _deliver(sw, url)
+
+    assert (row.status, row.result, row.attempts) == ("done", "recreated", 1), row
+    new = docker_client.containers.get(container.name)
+    assert new.id != container.id and new.status == "running", "D2: the fallback recreated the container"
+    assert _env(new)["SWITCHER_CREDENTIAL"] == SECRETS["SWITCHER_CRED_B"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("hot reload failed" in m and said in m for m in warnings), warnings
+
+
+def test_a_reload_of_generation_0_is_recorded_as_applied(
+    sw: Switcher, url: str, docker_client: Any, agent_container: Callable[..., Any]
+) -> None:
+    """Generation 0 applied is a generation applied: a redelivery of it does not reload again."""
+    hook = "echo ran >> /tmp/runs; cat > /tmp/credential"
+    container = agent_container("agent-alice", labels={LABEL_RELOAD_COMMAND: hook})
+    _setup(sw, container.name)
+    with outbox(sw) as box:  # a delivery of the agent's assignment before any switch (generation 0)
+        box.enqueue(RESTART_AGENT, "alice", {}, generation=0)
+    row = _deliver(sw, url)
+    assert row.result == "reloaded"
+    with outbox(sw) as box:
+        assert box.delivery(_agent_id(sw)).applied_generation == 0
+
+    _redeliver(sw)
+    row = _deliver(sw, url)
+
+    assert (row.status, row.result) == ("done", "already_applied"), row
+    assert _read(container, "/tmp/runs").splitlines() == ["ran"], "the reload command ran once"

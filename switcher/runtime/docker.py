@@ -10,7 +10,8 @@ Modes (``switcher drain --restart-mode``):
   take it while running. Same image, command, environment, labels, mounts, ports and networks, plus the
   credential in an environment variable (``SWITCHER_CREDENTIAL``) and the labels ``switcher.agent``,
   ``switcher.subscription``, ``switcher.generation``.
-* ``restart`` -- drain-aware ``docker restart``, for agents that fetch their credential when they start.
+* ``restart`` -- drain-aware ``docker restart``, for agents that fetch their credential when they start
+  (its run state recorded first, as for a recreate, so an interrupted restart is finished).
 
 Reload hooks, as labels of the agent's container:
 
@@ -30,9 +31,11 @@ restarting) is finished by the next delivery, whatever the step:
 1. the run state to restore is recorded in the database before the first destructive step, and a
    redelivery takes it from there, never from a container that the earlier attempt stopped;
 2. the old container is stopped, then *parked* (renamed ``<name>-switcher-replaced-<id>``) until its
-   replacement exists; parked containers are found and removed by every delivery;
+   replacement exists; parked containers are found (for an agent found by label, even when nothing else
+   is left) and removed by every delivery;
 3. a container under the agent's name that already carries the target generation is the replacement an
-   earlier attempt created: it is started if it should run, instead of being created again;
+   earlier attempt created: it is connected to the networks of the parked old container it lacks, and
+   started if it should run, instead of being created again;
 4. each destructive step runs only while the drainer still holds the message's lease (``fence``).
 
 When Docker refuses a step (a 4xx or 5xx answer, as opposed to not answering), the old container gets its
@@ -46,6 +49,7 @@ import gc
 import json
 import logging
 import os
+import re
 import socket
 import time
 import warnings
@@ -75,6 +79,8 @@ LABEL_GENERATION = "switcher.generation"
 LABEL_RELOAD_COMMAND = "switcher.reload-command"
 LABEL_RELOAD_URL = "switcher.reload-url"
 PARKED = "-switcher-replaced-"
+DOCKER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+"""What Docker accepts as a container name: no container can have any other."""
 
 
 @dataclass(frozen=True)
@@ -138,20 +144,29 @@ class DockerRuntime:
             return "no_container"
         state = delivery.state()
         settled = state.intended_running is None and not found.parked
-        if settled and found.named is not None:
-            if max(state.applied_generation or -1, _generation(found.named)) >= target.generation:
+        named = found.named
+        if settled and named is not None:
+            applied = -1 if state.applied_generation is None else state.applied_generation
+            if max(applied, _generation(named)) >= target.generation:
                 return "already_applied"
-            if self.config.mode == "restart":
-                return self._restart(found.named, delivery)
-            if self.config.mode != "recreate" and _running(found.named):
-                hook = _hook(found.named)
-                if hook is None and self.config.mode == "reload":
-                    raise Undeliverable(
-                        f"restart mode is reload, but container {found.name} declares no "
-                        f"{LABEL_RELOAD_COMMAND} or {LABEL_RELOAD_URL} label"
-                    )
-                if hook is not None and self._reloaded(found.named, hook, delivery):
-                    return "reloaded"
+        # Restart mode also finishes its own interrupted restart (intent recorded, nothing parked); a
+        # parked container or a replacement of the target generation is a recreate's, finished as one.
+        if (
+            self.config.mode == "restart"
+            and named is not None
+            and not found.parked
+            and _generation(named) < target.generation
+        ):
+            return self._restart(named, delivery)
+        if settled and named is not None and self.config.mode != "recreate" and _running(named):
+            hook = _hook(named)
+            if hook is None and self.config.mode == "reload":
+                raise Undeliverable(
+                    f"restart mode is reload, but container {found.name} declares no "
+                    f"{LABEL_RELOAD_COMMAND} or {LABEL_RELOAD_URL} label"
+                )
+            if hook is not None and self._reloaded(named, hook, delivery):
+                return "reloaded"
         return self._recreate(found, delivery)
 
     # -- finding ---------------------------------------------------------------------------------------
@@ -160,14 +175,18 @@ class DockerRuntime:
         containers = self.client.containers
         name, named = target.container, None
         if name:
-            with suppress(NotFound):
-                named = containers.get(name)
+            named = self._named(name)
         else:  # an agent registered without a container name: the container labelled with the agent
             labelled = containers.list(all=True, filters={"label": f"{LABEL_AGENT}={target.agent}"})
-            labelled = [c for c in labelled if PARKED not in str(c.name)]
-            if labelled:
-                named = labelled[0]
+            current = [c for c in labelled if PARKED not in str(c.name)]
+            if current:
+                named = current[0]
                 name = str(named.name)
+            elif labelled:
+                # Only parked ones: a recreate interrupted before it created the replacement. The name
+                # to finish it under is the newest parked one's, without its suffix.
+                newest = max(labelled, key=lambda c: str(c.attrs.get("Created", "")))
+                name = str(newest.name).rpartition(PARKED)[0] or None
         if not name:
             return Found(None, None)
         prefix = f"{name}{PARKED}"
@@ -176,6 +195,15 @@ class DockerRuntime:
         ]
         parked.sort(key=lambda c: str(c.attrs.get("Created", "")), reverse=True)  # newest first
         return Found(name, named, parked)
+
+    def _named(self, name: str) -> Container | None:
+        """The container with exactly this name. Not ``containers.get``: it also takes an ID prefix, so
+        a hex-only name whose container is gone (or parked) would resolve to an unrelated container."""
+        if not DOCKER_NAME.fullmatch(name):
+            return None
+        pattern = "^/" + name.replace(".", r"\.") + "$"  # a Go regexp; "." is the only special left
+        matches = self.client.containers.list(all=True, filters={"name": pattern})
+        return next((c for c in matches if c.name == name), None)
 
     # -- reload ----------------------------------------------------------------------------------------
 
@@ -203,15 +231,18 @@ class DockerRuntime:
         return True
 
     def _exec(self, container: Container, command: str, target: AgentTarget, secret: str) -> None:
-        argv = json.loads(command) if command.lstrip().startswith("[") else ["/bin/sh", "-c", command]
+        argv = _argv(command)
         api = self.client.api
         environment = {
             "SWITCHER_AGENT": target.agent,
             "SWITCHER_SUBSCRIPTION": target.subscription or "",
             "SWITCHER_GENERATION": str(target.generation),
         }
-        exec_id = api.exec_create(container.id, argv, stdin=True, environment=environment)["Id"]
-        stream = api.exec_start(exec_id, socket=True)
+        try:
+            exec_id = api.exec_create(container.id, argv, stdin=True, environment=environment)["Id"]
+            stream = api.exec_start(exec_id, socket=True)
+        except APIError as error:  # refused (the container paused, restarting, gone): not applied
+            raise ReloadFailed(f"Docker refused the reload command: {_explain(error)}") from None
         raw = cast(socket.socket, getattr(stream, "_sock", stream))
         timeout = self.config.reload_timeout.total_seconds()
         deadline = time.monotonic() + timeout
@@ -231,8 +262,13 @@ class DockerRuntime:
                 socket.close(raw.detach())
             else:
                 raw.close()
-        while (status := api.exec_inspect(exec_id))["Running"] and time.monotonic() < deadline:
-            time.sleep(0.05)
+        try:
+            while (status := api.exec_inspect(exec_id))["Running"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except APIError as error:
+            raise ReloadFailed(f"Docker could not inspect the reload command: {_explain(error)}") from None
+        if status["Running"]:  # it closed its output but has not exited: no exit status to go by
+            raise ReloadFailed(f"reload command still running after {timeout:g} s (reload timeout)")
         if status["ExitCode"] != 0:
             said = redact(_printable(output))[-300:]
             raise ReloadFailed(f"reload command exited with {status['ExitCode']}: {said}")
@@ -254,12 +290,14 @@ class DockerRuntime:
     # -- restart ---------------------------------------------------------------------------------------
 
     def _restart(self, container: Container, delivery: Delivery) -> str:
-        if not _running(container):
+        # Recorded before the restart: one interrupted between its stop and its start leaves the container
+        # stopped, and the redelivery must start it rather than take "stopped" for the agent's state.
+        if not delivery.intended_running(_running(container)):
             delivery.applied()  # it fetches the credential whenever it starts
             return "not_running"
         with delivery.drained():
             delivery.fence()
-            container.restart(timeout=self._stop_seconds)
+            container.restart(timeout=self._stop_seconds)  # starts a stopped one too
         delivery.applied()
         return "restarted"
 
@@ -271,19 +309,19 @@ class DockerRuntime:
         named, parked = found.named, list(found.parked)
         fresh = named if named is not None and _generation(named) >= target.generation else None
         old = named if named is not None and fresh is None else (parked[0] if parked else None)
+        spec: dict[str, Any] | None = None
+        if fresh is None:
+            assert old is not None
+            # Before the intent is recorded: a refused or missing credential must leave no intent behind.
+            spec = self._spec(old.attrs, target, delivery.secret())
         # Nothing recorded and only a parked container left (by a drainer that predates recorded intents):
         # an agent is meant to run.
         observed = _running(named) if named is not None else True
         running = delivery.intended_running(observed)
         if fresh is not None:  # an earlier attempt created the replacement; finish its work
-            if running and not _running(fresh):
-                with delivery.drained():
-                    delivery.fence()
-                    fresh.start()
+            self._finish(fresh, old, running, delivery)
         else:
-            assert old is not None
-            secret = delivery.secret()  # before anything is touched: a refused reference changes nothing
-            spec = self._spec(old.attrs, target, secret)
+            assert old is not None and spec is not None
             if old is named:
                 parked.append(old)
             self._replace(found.name, old, spec, running, delivery)
@@ -296,6 +334,24 @@ class DockerRuntime:
             extra={"agent": target.agent, "container": found.name, "generation": target.generation},
         )
         return "recreated" if running else "not_running"
+
+    def _finish(self, fresh: Container, old: Container | None, running: bool, delivery: Delivery) -> None:
+        """Finish a replacement an earlier attempt created: connect the networks of the old container it
+        was not connected to yet (that attempt stopped between its connects), then start it."""
+        missing: dict[str, dict[str, Any]] = {}
+        if old is not None:  # still parked: the earlier attempt did not get to its removal
+            connected = (fresh.attrs.get("NetworkSettings") or {}).get("Networks") or {}
+            missing = {n: e for n, e in _networks(old.attrs)[1].items() if n not in connected}
+        start = running and not _running(fresh)
+        if not missing and not start:
+            return
+        with delivery.drained() if start else nullcontext():
+            for network, endpoint in missing.items():
+                delivery.fence()
+                _connect(self.client.api, str(fresh.id), network, endpoint)
+            if start:
+                delivery.fence()
+                fresh.start()
 
     def _replace(
         self, name: str, old: Container, spec: dict[str, Any], running: bool, delivery: Delivery
@@ -313,7 +369,7 @@ class DockerRuntime:
                 delivery.fence()
                 created = api.create_container(name=name, **spec["create"])["Id"]
                 for network, endpoint in spec["extra_networks"].items():
-                    api.connect_container_to_network(created, network, aliases=endpoint.get("Aliases"))
+                    _connect(api, created, network, endpoint)
                 if running:
                     delivery.fence()
                     api.start(created)
@@ -356,28 +412,26 @@ class DockerRuntime:
             }
         )
         # Keep the data of volumes without a name in the config (anonymous ones) by mounting them by name.
+        volumes = {
+            m["Destination"]: m.get("Name") for m in attrs.get("Mounts") or [] if m.get("Type") == "volume"
+        }
+        mounts = []
+        for declared in host.get("Mounts") or []:  # --mount: copied, but an anonymous volume gets its name
+            mount = dict(declared)
+            if mount.get("Type") == "volume" and not mount.get("Source") and volumes.get(mount.get("Target")):
+                mount["Source"] = volumes[mount["Target"]]
+            mounts.append(mount)
+        host["Mounts"] = mounts or None
         binds = list(host.get("Binds") or [])
-        bound = {b.split(":")[1] for b in binds if ":" in b}
+        # Targets already mounted (by -v or --mount): another mount there is refused as a duplicate.
+        bound = {b.split(":")[1] for b in binds if ":" in b} | {m.get("Target") for m in mounts}
         for mount in attrs.get("Mounts") or []:
             if mount.get("Type") == "volume" and mount["Destination"] not in bound:
                 binds.append(f"{mount['Name']}:{mount['Destination']}:{'rw' if mount.get('RW') else 'ro'}")
         host["Binds"] = binds or None
 
-        networks = dict(attrs.get("NetworkSettings", {}).get("Networks") or {})
-        primary = host.get("NetworkMode") or "default"
+        networking, extra = _networks(attrs)
         short_id = attrs["Id"][:12]
-
-        def endpoint(settings: dict[str, Any]) -> dict[str, Any]:
-            aliases = [a for a in settings.get("Aliases") or [] if a != short_id]
-            result: dict[str, Any] = {"Aliases": aliases or None}
-            if settings.get("IPAMConfig"):
-                result["IPAMConfig"] = settings["IPAMConfig"]
-            return result
-
-        networking = None
-        if primary in networks and primary not in ("bridge", "host", "none", "default"):
-            networking = {"EndpointsConfig": {primary: endpoint(networks[primary])}}
-        extra = {n: endpoint(s) for n, s in networks.items() if primary not in (n, "host")}
         hostname = config.get("Hostname")
         return {
             "create": {
@@ -401,6 +455,56 @@ class DockerRuntime:
             },
             "extra_networks": extra,
         }
+
+
+def _networks(attrs: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """A container's networks, as a replacement is made with them: the primary network's endpoint (the
+    create's networking config; None for the built-in ones) and the extra networks to connect."""
+    networks = dict((attrs.get("NetworkSettings") or {}).get("Networks") or {})
+    primary = attrs["HostConfig"].get("NetworkMode") or "default"
+    short_id = attrs["Id"][:12]
+
+    def endpoint(settings: dict[str, Any]) -> dict[str, Any]:
+        aliases = [a for a in settings.get("Aliases") or [] if a != short_id]
+        result: dict[str, Any] = {"Aliases": aliases or None}
+        if settings.get("IPAMConfig"):
+            result["IPAMConfig"] = settings["IPAMConfig"]
+        return result
+
+    networking = None
+    if primary in networks and primary not in ("bridge", "host", "none", "default"):
+        networking = {"EndpointsConfig": {primary: endpoint(networks[primary])}}
+    extra = {n: endpoint(s) for n, s in networks.items() if primary not in (n, "host")}
+    return networking, extra
+
+
+def _connect(api: Any, container_id: str, network: str, endpoint: dict[str, Any]) -> None:
+    """Connect to an extra network as the old container was: its aliases and any static address."""
+    addresses = endpoint.get("IPAMConfig") or {}
+    api.connect_container_to_network(
+        container_id,
+        network,
+        aliases=endpoint.get("Aliases"),
+        ipv4_address=addresses.get("IPv4Address") or None,
+        ipv6_address=addresses.get("IPv6Address") or None,
+    )
+
+
+def _argv(command: str) -> list[str]:
+    """The reload command's arguments: a JSON array of strings, or a shell command."""
+    if not command.lstrip().startswith("["):
+        return ["/bin/sh", "-c", command]
+    try:
+        argv = json.loads(command)
+    except ValueError:
+        raise ReloadFailed(f"label {LABEL_RELOAD_COMMAND} starts with [ but is not valid JSON") from None
+    if not argv or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ReloadFailed(f"label {LABEL_RELOAD_COMMAND} must be a JSON array of strings")
+    return argv
+
+
+def _explain(error: APIError) -> str:
+    return redact(str(error.explanation or error))[-300:]
 
 
 def _running(container: Container) -> bool:

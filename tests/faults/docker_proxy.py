@@ -306,10 +306,14 @@ class DockerProxy:
         """While on, Docker is away: new connections are closed at once, and existing ones are cut now."""
         self._unreachable = on
         if on:
-            with self._lock:
-                connections = list(self._connections)
-            for connection in connections:
-                connection.cut()
+            self.cut()
+
+    def cut(self) -> None:
+        """Cut every open connection now (new ones still go through, unless Docker is unreachable)."""
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.cut()
 
     @contextlib.contextmanager
     def outage(self) -> Iterator[None]:
