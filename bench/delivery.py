@@ -145,6 +145,20 @@ def bare_recreate(client: Any, image: str) -> float:
     return elapsed
 
 
+def bare_exec(client: Any, image: str) -> float:
+    """What Docker alone takes to run the same reload command in 50 containers, 8 at a time."""
+    names = _containers(client, image, AGENTS, {})
+    containers = [client.containers.get(name) for name in names]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(
+            pool.map(lambda c: c.exec_run(["sh", "-c", f"echo {SECRETS['B']} > /tmp/credential"]), containers)
+        )
+    elapsed = time.perf_counter() - start
+    _remove_all(client)
+    return elapsed
+
+
 def run(server: URL, quick: bool = False) -> list[Row]:
     try:
         import docker
@@ -161,6 +175,7 @@ def run(server: URL, quick: bool = False) -> list[Row]:
         bare = bare_recreate(client, image)
         recreate, recreated = switcher_delivery(server, client, image, "recreate")
         reload, reloaded = switcher_delivery(server, client, image, "reload")
+        execs = bare_exec(client, image)
     finally:
         _remove_all(client)
         client.close()
@@ -179,6 +194,7 @@ def run(server: URL, quick: bool = False) -> list[Row]:
             recreate,
             "s",
             "<= 0.1",
-            f"results {sorted(set(reloaded))}",
+            f"results {sorted(set(reloaded))}; Docker alone runs the same 50 execs in {execs:.2f} s "
+            f"({execs / recreate:.2f} of the recreate)",
         ),
     ]

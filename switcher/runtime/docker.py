@@ -197,13 +197,16 @@ class DockerRuntime:
         return Found(name, named, parked)
 
     def _named(self, name: str) -> Container | None:
-        """The container with exactly this name. Not ``containers.get``: it also takes an ID prefix, so
-        a hex-only name whose container is gone (or parked) would resolve to an unrelated container."""
+        """The container with exactly this name. ``containers.get`` also takes an ID prefix when no name
+        matches, so a hex-only name whose container is gone (or parked) could resolve to an unrelated
+        container: only an exact name counts."""
         if not DOCKER_NAME.fullmatch(name):
             return None
-        pattern = "^/" + name.replace(".", r"\.") + "$"  # a Go regexp; "." is the only special left
-        matches = self.client.containers.list(all=True, filters={"name": pattern})
-        return next((c for c in matches if c.name == name), None)
+        try:
+            container = self.client.containers.get(name)
+        except NotFound:
+            return None
+        return container if container.name == name else None
 
     # -- reload ----------------------------------------------------------------------------------------
 
@@ -263,8 +266,10 @@ class DockerRuntime:
             else:
                 raw.close()
         try:
+            pause = 0.002  # it has closed its output: its exit is usually a moment away
             while (status := api.exec_inspect(exec_id))["Running"] and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
         except APIError as error:
             raise ReloadFailed(f"Docker could not inspect the reload command: {_explain(error)}") from None
         if status["Running"]:  # it closed its output but has not exited: no exit status to go by
