@@ -3,7 +3,8 @@
 * throughput at 1 and 8 clients (switches of distinct agents per second) beside ``pgbench -b tpcb-like``;
 * the database function alone, driven by ``pgbench -f`` at 8 clients, beside tpcb-like at 8 clients;
 * the latency of one switch with 20,000 (and 100,000) agents registered beside 2,000;
-* a herd of 200 agents onto 3 subscriptions capped at 70, from 8 processes: time until all are settled;
+* a herd of 200 agents onto 3 subscriptions capped at 70, from 8 processes: time until all are settled
+  (asyncio backends, and beside it the same herd from synchronous callers);
 * a burst of 64 concurrent reports of one agent's failure beside 64 concurrent reports of 64 agents.
 
 Client processes open (and use once) their connections before the start signal, as a running backend's
@@ -206,6 +207,30 @@ def concurrent_worker(
     return asyncio.run(main())
 
 
+def sync_worker(
+    barrier: Any, url: str, rounds: list[list[tuple[str, str]]], pool_size: int, warm: list[str], real: str
+) -> list[Round]:
+    """``concurrent_worker`` for a synchronous caller: each round's reports one after another."""
+    with Switcher.from_url(url, pool_size=pool_size, lock_timeout=timedelta(seconds=30)) as sw:
+        for agent in warm:
+            sw.handle_failure(agent, "W1", RL)
+        if barrier.wait() == 0:
+            for name in ("W1", "W2"):
+                sw.disable_subscription(name)
+            for name in real:
+                sw.enable_subscription(name)
+        out = []
+        for reports in rounds:
+            barrier.wait()
+            start, calls = time.time(), []
+            for agent, snapshot in reports:
+                began = time.perf_counter()
+                result = sw.handle_failure(agent, snapshot, RL, "429 Too Many Requests")
+                calls.append((result.outcome.value, time.perf_counter() - began))
+            out.append((start, time.time(), calls))
+        return out
+
+
 def setup_concurrent(
     url: str,
     home: str,
@@ -231,24 +256,28 @@ def setup_concurrent(
     return names
 
 
-def herd(server: URL, agents: int = 200, cap: int = 70, processes: int = 8) -> tuple[float, str]:
-    """Seconds from the start signal until all ``agents`` are settled; a detail line."""
+def herd(
+    server: URL, agents: int = 200, cap: int | None = 70, processes: int = 8, *, sync: bool = False
+) -> tuple[float, str]:
+    """Seconds from the start signal until all ``agents`` are settled; a detail line. Each process is an
+    asyncio backend with a pool of 4 reporting its share of the herd at once or, ``sync``, a scheduler
+    reporting its share one after another on one connection."""
     with fresh_database(server, "switcher_bench") as db:
         url = db.render_as_string(hide_password=False)
         names = [f"h{i:03d}" for i in range(agents)]
-        pool_size = 4
+        pool_size = 1 if sync else 4
         warm = setup_concurrent(url, "H", dict.fromkeys("XYZ", cap), names, processes, pool_size)
         args = [
             (url, [[(a, "H") for a in names[p::processes]]], pool_size, warm[p], "XYZ")
             for p in range(processes)
         ]
-        results = run_processes(concurrent_worker, args)
+        results = run_processes(sync_worker if sync else concurrent_worker, args)
         settle = max(p[0][1] for p in results) - min(p[0][0] for p in results)
         with Switcher.from_url(url) as sw:
             loads = {s.name: s.assigned for s in sw.subscriptions() if s.name in "XYZ"}
     outcomes = [o for p in results for o, _ in p[0][2]]
     latencies = [t for p in results for _, t in p[0][2]]
-    respected = all(v <= cap for v in loads.values())
+    respected = all(cap is None or v <= cap for v in loads.values())
     detail = (
         f"switched {outcomes.count('switched')}/{agents}; loads {loads}; caps respected: {respected}; "
         f"call p50 {pct(latencies, 50) * 1e3:.1f} ms, p99 {pct(latencies, 99) * 1e3:.1f} ms"
@@ -326,6 +355,7 @@ def run(server: URL, seconds: float = 5.0, quick: bool = False) -> list[Row]:
         )
     )
     settle, detail = herd(server)
+    sync_settle, _ = herd(server, sync=True)
     rows.append(
         Row(
             "herd of 200 onto 3 x 70 capped, 8 processes: seconds to settle / 0.25 s",
@@ -333,7 +363,7 @@ def run(server: URL, seconds: float = 5.0, quick: bool = False) -> list[Row]:
             0.25,
             "s",
             "<= 1.0",
-            detail,
+            f"{detail}; the same herd from 8 synchronous callers: {sync_settle:.3f} s",
         )
     )
     one, many, detail = burst(server, rounds=3 if quick else 5)
