@@ -170,6 +170,14 @@ def fleet_latency(server: URL, sizes: list[int], samples: int) -> dict[int, floa
 Round = tuple[float, float, list[tuple[str, float]]]  # wall start, wall end, (outcome, latency) per call
 
 
+def go_live(sw: Switcher, real: str) -> None:
+    """Once every process is warm: the warm-up subscriptions out, the ``real`` alternatives in."""
+    for name in ("W1", "W2"):
+        sw.disable_subscription(name)
+    for name in real:
+        sw.enable_subscription(name)
+
+
 def concurrent_worker(
     barrier: Any, url: str, rounds: list[list[tuple[str, str]]], pool_size: int, warm: list[str], real: str
 ) -> list[Round]:
@@ -185,10 +193,7 @@ def concurrent_worker(
             await asyncio.gather(*(asw.handle_failure(agent, "W1", RL) for agent in warm))
             if await asyncio.to_thread(barrier.wait) == 0:
                 with Switcher.from_url(url) as sw:
-                    for name in ("W1", "W2"):
-                        sw.disable_subscription(name)
-                    for name in real:
-                        sw.enable_subscription(name)
+                    go_live(sw, real)
             out = []
             for reports in rounds:
                 await asyncio.to_thread(barrier.wait)
@@ -215,10 +220,7 @@ def sync_worker(
         for agent in warm:
             sw.handle_failure(agent, "W1", RL)
         if barrier.wait() == 0:
-            for name in ("W1", "W2"):
-                sw.disable_subscription(name)
-            for name in real:
-                sw.enable_subscription(name)
+            go_live(sw, real)
         out = []
         for reports in rounds:
             barrier.wait()

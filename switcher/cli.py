@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -262,13 +263,36 @@ def status(app: App, watch: bool, interval: float) -> None:
         if not watch:
             _print_status(app, sw.status())
             return
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
+        with _first_ctrl_c() as pressed:
+            while not pressed():
                 current = sw.status()
                 click.echo("\x1b[H\x1b[2J", nl=False)  # home, clear screen
                 _print_status(app, current, live=True)
                 sys.stdout.flush()  # a frame at a time, even into a pipe
-                time.sleep(interval)
+                redraw = time.monotonic() + interval
+                while not pressed() and (left := redraw - time.monotonic()) > 0:
+                    time.sleep(min(left, 0.05))
+
+
+@contextlib.contextmanager
+def _first_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """Whether Ctrl-C (SIGINT) was pressed. The first press is only noted: as a KeyboardInterrupt it could
+    land in a finalizer (a connection's ``__del__``), where Python ignores it, and the press would be
+    lost. A second press raises it, for a call that hangs. (A flag, not an Event: a signal handler must
+    not take a lock its thread may hold.)"""
+    pressed = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal pressed
+        if pressed:
+            raise KeyboardInterrupt
+        pressed = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _print_status(app: App, current: Status, live: bool = False) -> None:

@@ -342,6 +342,20 @@ def test_status_watch_redraws_until_interrupted(registered: str) -> None:
     assert "Ctrl-C to quit" in frame and "outbox: 0 pending" in frame and "A" in frame
 
 
+def test_status_watch_notes_the_first_ctrl_c_and_raises_on_the_second() -> None:
+    # The first press is only noted, so no KeyboardInterrupt can be lost in a finalizer mid-frame.
+    from switcher.cli import _first_ctrl_c
+
+    before = signal.getsignal(signal.SIGINT)
+    with _first_ctrl_c() as pressed:
+        assert not pressed()
+        signal.raise_signal(signal.SIGINT)
+        assert pressed()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_the_readme_commands_are_the_ones_ci_and_make_use() -> None:
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
