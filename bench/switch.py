@@ -357,7 +357,7 @@ def run(server: URL, seconds: float = 5.0, quick: bool = False) -> list[Row]:
         )
     )
     settle, detail = herd(server)
-    sync_settle, _ = herd(server, sync=True)
+    sync_settle, sync_detail = herd(server, sync=True)
     rows.append(
         Row(
             "herd of 200 onto 3 x 70 capped, 8 processes: seconds to settle / 0.25 s",
@@ -365,7 +365,7 @@ def run(server: URL, seconds: float = 5.0, quick: bool = False) -> list[Row]:
             0.25,
             "s",
             "<= 1.0",
-            f"{detail}; the same herd from 8 synchronous callers: {sync_settle:.3f} s",
+            f"{detail}. The same herd from 8 synchronous callers: {sync_settle:.3f} s; {sync_detail}",
         )
     )
     one, many, detail = burst(server, rounds=3 if quick else 5)
