@@ -129,8 +129,11 @@ def libpq_env(url: URL) -> dict[str, str]:
     return env
 
 
-def pgbench(url: URL, clients: int, seconds: float, *args: str, script: str | None = None) -> float:
-    """tps of ``pgbench`` (``-b tpcb-like`` unless ``script``), ``clients`` clients and threads."""
+def pgbench(
+    url: URL, clients: int, seconds: float, *args: str, script: str | None = None, session: str = ""
+) -> float:
+    """tps of ``pgbench`` (``-b tpcb-like`` unless ``script``), ``clients`` clients and threads;
+    ``session``: settings its sessions start with (``PGOPTIONS``)."""
     path = pgbench_path()
     if path is None:
         raise RuntimeError("pgbench is not installed")
@@ -153,7 +156,7 @@ def pgbench(url: URL, clients: int, seconds: float, *args: str, script: str | No
                 str(max(1, round(seconds))),
                 *args,
             ],
-            env=libpq_env(url),
+            env={**libpq_env(url), **({"PGOPTIONS": session} if session else {})},
             check=True,
             capture_output=True,
             text=True,

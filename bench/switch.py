@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL
 
 from bench.common import Row, fresh_database, pct, pgbench, pgbench_init, run_processes
 from switcher import AsyncSwitcher, FailureKind, Outcome, Switcher
+from switcher.switch import Options
 
 RL = FailureKind.RATE_LIMIT
 AGENTS_PER_CLIENT = 100
@@ -112,14 +113,17 @@ def switch_throughput(server: URL, clients: int, seconds: float) -> tuple[float,
     return sum(count for count, _ in results) / seconds, statistics.median(latencies)
 
 
+LOCK_TIMEOUT = Options().lock_timeout_setting
 FUNCTION_SCRIPT = """\\set aid random(1, {agents})
 SELECT wake::int AS wake, restart_id FROM switcher.handle_failure_v2(gen_random_uuid()::text, 'p' || :aid, NULL, NULL,
-    'rate_limit', '429 Too Many Requests', '3s', false, NULL, NULL, 'restart_agent', 'notify_switch') \\gset
+    'rate_limit', '429 Too Many Requests', '{lock_timeout}', false, NULL, NULL, 'restart_agent', 'notify_switch') \\gset
 \\if :wake
 SELECT pg_notify('switcher_outbox', :restart_id::text);
 \\endif
 """
-"""What ``Switcher.handle_failure`` sends, without Python: the function, then the wake-up after commit."""
+"""What ``Switcher.handle_failure`` sends, without Python: the function, then the wake-up after commit. It
+runs in sessions that start with ``FUNCTION_SESSION``, as ``Switcher.from_url``'s do."""
+FUNCTION_SESSION = f"-c lock_timeout={LOCK_TIMEOUT}"
 
 
 def function_throughput(server: URL, clients: int, seconds: float) -> float:
@@ -129,9 +133,9 @@ def function_throughput(server: URL, clients: int, seconds: float) -> float:
         agents = clients * AGENTS_PER_CLIENT
         setup(url, dict.fromkeys("ABCD"), {})
         bulk_agents(url, "p", agents, "A")
-        script = FUNCTION_SCRIPT.format(agents=agents)
-        pgbench(db, clients, WARM_UP, script=script)
-        return pgbench(db, clients, seconds, script=script)
+        script = FUNCTION_SCRIPT.format(agents=agents, lock_timeout=LOCK_TIMEOUT)
+        pgbench(db, clients, WARM_UP, script=script, session=FUNCTION_SESSION)
+        return pgbench(db, clients, seconds, script=script, session=FUNCTION_SESSION)
 
 
 def tpcb(server: URL, clients: list[int], seconds: float) -> dict[int, float]:
