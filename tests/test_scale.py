@@ -1,9 +1,10 @@
-"""A switch's work does not grow with the fleet: the buffers it touches, counted by PostgreSQL itself
-(EXPLAIN ANALYZE BUFFERS counts every nested statement of the function), are the same at 1,000 and at
-20,000 agents. Not a timing test."""
+"""A switch's work does not grow with the fleet or its history: the buffers it touches, counted by
+PostgreSQL itself (EXPLAIN ANALYZE BUFFERS counts every nested statement of the function), are the same
+at 1,000 and at 20,000 agents, and with 20,000 failures on record as with none. Not a timing test."""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import text
 
 from switcher import Switcher
@@ -27,9 +28,11 @@ def _fleet(sw: Switcher, size: int) -> None:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
 
 
-def _buffers(sw: Switcher, agent: str) -> int:
-    """Shared buffers one switch of ``agent`` touches (hit or read)."""
+def _buffers(sw: Switcher, agent: str, plan_cache_mode: str = "auto") -> int:
+    """Shared buffers one switch of ``agent`` touches (hit or read), its statements planned as
+    ``plan_cache_mode`` says."""
     with sw.engine.begin() as conn:
+        conn.execute(text("SELECT set_config('plan_cache_mode', :mode, true)"), {"mode": plan_cache_mode})
         plan = conn.execute(
             text(
                 "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM switcher.handle_failure_v2("
@@ -57,3 +60,44 @@ def test_a_switch_reads_no_more_at_20000_agents_than_at_1000(sw: Switcher) -> No
     )
     loads = {s.name: s.assigned for s in sw.subscriptions()}
     assert loads["S0"] == 20_000 - 6 and sum(loads.values()) == 20_000, "the sharded counters stay exact"
+
+
+def _history(sw: Switcher, size: int) -> None:
+    """``size`` failures of the alternatives, three days old (past the cooldown window, not yet past
+    retention), then a VACUUM ANALYZE."""
+    with sw.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO switcher.failures (agent_id, subscription_id, kind, message, occurred_at, "
+                "report_id, outcome) "
+                "SELECT (SELECT min(id) FROM switcher.agents), s.id, 'rate_limit', '429', "
+                "now() - interval '3 days', 'old-' || s.id || '-' || g, 'no_alternative' "
+                "FROM switcher.subscriptions s, generate_series(1, :per) g WHERE s.name <> 'S0'"
+            ),
+            {"per": size // ALTERNATIVES},
+        )
+    with sw.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+def test_a_switch_reads_no_more_with_20000_failures_on_record_than_with_none(
+    sw: Switcher, plan_cache_mode: str
+) -> None:
+    # History is kept for weeks (retention): the cooldown test must stay a probe of each candidate's
+    # recent failures, in a plan made for the arguments and in one made without them (generic).
+    for i in range(ALTERNATIVES + 1):
+        sw.add_subscription(f"S{i}", credential_ref=f"env:SWITCHER_CRED_S{i}")
+    _fleet(sw, 1_000)
+    _buffers(sw, "agent1", plan_cache_mode)
+    none = min(_buffers(sw, "agent2", plan_cache_mode), _buffers(sw, "agent3", plan_cache_mode))
+    _history(sw, 20_000)
+    _buffers(sw, "agent4", plan_cache_mode)
+    many = min(_buffers(sw, "agent5", plan_cache_mode), _buffers(sw, "agent6", plan_cache_mode))
+    assert many <= none * 1.2 + 10, (
+        f"a switch touched {none} buffers with no failures on record and {many} with 20,000: "
+        "its work must not grow with the history"
+    )
+    assert {s.name for s in sw.subscriptions() if s.cooling_until is not None} == {"S0"}, (
+        "old failures do not keep the alternatives cooling"
+    )
