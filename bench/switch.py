@@ -15,6 +15,7 @@ statements in a brand-new session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from datetime import timedelta
@@ -150,23 +151,26 @@ def tpcb(server: URL, clients: list[int], seconds: float) -> dict[int, float]:
 
 def fleet_latency(server: URL, sizes: list[int], samples: int) -> dict[int, float]:
     """p50 of one switch (one client, distinct agents) with ``size`` agents registered, all on the failing
-    subscription, 16 alternatives; a database of its own for each size."""
-    out = {}
-    for size in sizes:
-        with fresh_database(server, "switcher_bench") as db:
+    subscription, 16 alternatives; a database of its own for each size. The sizes take turns, sample by
+    sample, so that a machine that speeds up or slows down during the run does so for all of them."""
+    with contextlib.ExitStack() as stack:
+        doors = {}
+        for size in sizes:
+            db = stack.enter_context(fresh_database(server, f"switcher_bench_fleet_{size}"))
             url = db.render_as_string(hide_password=False)
             setup(url, {f"S{i}": None for i in range(17)}, {}, cooldown=7200)
             bulk_agents(url, "f", size, "S0")
-            with Switcher.from_url(url, pool_size=1) as sw:
-                for i in range(1, 21):  # warm the session
-                    sw.handle_failure(f"f{size - i}", "S0", RL)
-                timings = []
-                for i in range(samples):
-                    start = time.perf_counter()
-                    sw.handle_failure(f"f{size - 100 - i}", "S0", RL)
-                    timings.append(time.perf_counter() - start)
-            out[size] = statistics.median(timings)
-    return out
+            doors[size] = stack.enter_context(Switcher.from_url(url, pool_size=1))
+        for size, sw in doors.items():
+            for i in range(1, 21):  # warm the session
+                sw.handle_failure(f"f{size - i}", "S0", RL)
+        timings: dict[int, list[float]] = {size: [] for size in sizes}
+        for i in range(samples):
+            for size, sw in doors.items():
+                start = time.perf_counter()
+                sw.handle_failure(f"f{size - 100 - i}", "S0", RL)
+                timings[size].append(time.perf_counter() - start)
+    return {size: statistics.median(t) for size, t in timings.items()}
 
 
 # -- many reports at once ----------------------------------------------------------------------------
