@@ -15,9 +15,12 @@ from _database import database_url, register
 from switcher import AsyncSwitcher, FailureKind, Switcher
 
 
-async def chat(asw: AsyncSwitcher, agent: str) -> str:
+async def chat(asw: AsyncSwitcher, agent: str, in_flight: asyncio.Barrier) -> str:
     """One chat request. The execution pins the snapshot and makes a drain-aware restart wait for it."""
     async with asw.execution(agent) as ex:
+        # All five requests are in flight before any fails. (A request that arrives after the switch
+        # waits at the gate for the agent's restart, which no drainer delivers in this example.)
+        await in_flight.wait()
         # ... call the model with the credential of ex.subscription; it answers 401 ...
         result = await ex.report_failure(FailureKind.AUTH, "401 OAuth token has expired")
         return result.outcome.value
@@ -25,7 +28,8 @@ async def chat(asw: AsyncSwitcher, agent: str) -> str:
 
 async def serve(url: str) -> None:
     async with AsyncSwitcher.from_url(url) as asw:
-        outcomes = await asyncio.gather(*(chat(asw, "support-bot") for _ in range(5)))
+        in_flight = asyncio.Barrier(5)
+        outcomes = await asyncio.gather(*(chat(asw, "support-bot", in_flight) for _ in range(5)))
         print(f"5 concurrent failures: {sorted(outcomes)}")
         print(f"support-bot now uses {await asw.current_subscription('support-bot')}")
 
