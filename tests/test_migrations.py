@@ -86,7 +86,7 @@ def test_a_head_function_edited_without_a_migration_is_caught(engine: Any) -> No
 def test_upgrade_downgrade_base_and_upgrade_again_round_trip(engine: Any) -> None:
     with engine.begin() as conn:
         at_head = schema_snapshot(conn)
-        assert current(conn) == head() == "0002"
+        assert current(conn) == head() == "0003"
     with engine.begin() as conn:
         downgrade(conn, "0001")
         assert current(conn) == "0001"
@@ -107,6 +107,17 @@ def test_upgrade_downgrade_base_and_upgrade_again_round_trip(engine: Any) -> Non
     with engine.begin() as conn:
         assert schema_snapshot(conn) == at_head, "upgrade after downgrade builds exactly the same schema"
         assert conn.execute(text("SELECT auto_switch FROM switcher.settings")).scalar() is True
+
+
+def test_0003_changes_only_the_settings_of_the_functions_a_caller_enters(engine: Any) -> None:
+    entered = {"handle_failure_v2", "assign_v2", "eligible_v2", "enqueue_v2", "claim_v2"}
+    entered.add("enter_execution_v2")
+    with engine.begin() as conn:
+        downgrade(conn, "0002")
+        assert set(function_drift(conn)) == entered, "0002's functions, without enable_seqscan = off"
+    with engine.begin() as conn:
+        upgrade(conn)
+        assert function_drift(conn) == []
 
 
 def test_a_0001_database_with_data_is_upgraded_with_its_load_counted(engine: Any, url: str) -> None:

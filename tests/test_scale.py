@@ -4,10 +4,16 @@ at 1,000 and at 20,000 agents, and with 20,000 failures on record as with none. 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from switcher import Switcher
+from switcher.demo.runtime import SimulatedRuntime
+from switcher.drainer import Drainer
+from switcher.outbox import Message, Outbox
 
 ALTERNATIVES = 16
 
@@ -28,10 +34,10 @@ def _fleet(sw: Switcher, size: int) -> None:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
 
 
-def _buffers(sw: Switcher, agent: str, plan_cache_mode: str = "auto") -> int:
-    """Shared buffers one switch of ``agent`` touches (hit or read), its statements planned as
-    ``plan_cache_mode`` says."""
-    with sw.engine.begin() as conn:
+def _buffers(conn: Connection, agent: str, plan_cache_mode: str = "auto") -> int:
+    """Shared buffers one switch of ``agent`` touches (hit or read), in ``conn``'s session, its statements
+    planned as ``plan_cache_mode`` says."""
+    with conn.begin():
         conn.execute(text("SELECT set_config('plan_cache_mode', :mode, true)"), {"mode": plan_cache_mode})
         plan = conn.execute(
             text(
@@ -49,11 +55,12 @@ def test_a_switch_reads_no_more_at_20000_agents_than_at_1000(sw: Switcher) -> No
     for i in range(ALTERNATIVES + 1):
         sw.add_subscription(f"S{i}", credential_ref=f"env:SWITCHER_CRED_S{i}")
     _fleet(sw, 1_000)
-    _buffers(sw, "agent1")  # a first call plans the function's statements; not counted
-    small = min(_buffers(sw, "agent2"), _buffers(sw, "agent3"))
-    _fleet(sw, 20_000)
-    _buffers(sw, "agent4")
-    large = min(_buffers(sw, "agent5"), _buffers(sw, "agent6"))
+    with sw.engine.connect() as conn:
+        _buffers(conn, "agent1")  # a first call plans the function's statements; not counted
+        small = min(_buffers(conn, "agent2"), _buffers(conn, "agent3"))
+        _fleet(sw, 20_000)
+        _buffers(conn, "agent4")
+        large = min(_buffers(conn, "agent5"), _buffers(conn, "agent6"))
     assert large <= small * 1.2 + 10, (
         f"a switch touched {small} buffers with 1,000 agents and {large} with 20,000: "
         "its work must not grow with the fleet"
@@ -62,9 +69,9 @@ def test_a_switch_reads_no_more_at_20000_agents_than_at_1000(sw: Switcher) -> No
     assert loads["S0"] == 20_000 - 6 and sum(loads.values()) == 20_000, "the sharded counters stay exact"
 
 
-def _history(sw: Switcher, size: int) -> None:
+def _history(sw: Switcher, size: int, *, analyze: bool = True) -> None:
     """``size`` failures of the alternatives, three days old (past the cooldown window, not yet past
-    retention), then a VACUUM ANALYZE."""
+    retention), and as many delivered messages; then, with ``analyze``, a VACUUM ANALYZE."""
     with sw.engine.begin() as conn:
         conn.execute(
             text(
@@ -76,8 +83,17 @@ def _history(sw: Switcher, size: int) -> None:
             ),
             {"per": size // ALTERNATIVES},
         )
-    with sw.engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+        conn.execute(
+            text(
+                "INSERT INTO switcher.outbox (kind, agent_id, generation, status, enqueued_at) "
+                "SELECT 'restart_agent', (SELECT min(id) FROM switcher.agents), g, 'done', "
+                "now() - interval '3 days' FROM generate_series(1, :size) g"
+            ),
+            {"size": size},
+        )
+    if analyze:
+        with sw.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
 
 
 @pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
@@ -89,15 +105,69 @@ def test_a_switch_reads_no_more_with_20000_failures_on_record_than_with_none(
     for i in range(ALTERNATIVES + 1):
         sw.add_subscription(f"S{i}", credential_ref=f"env:SWITCHER_CRED_S{i}")
     _fleet(sw, 1_000)
-    _buffers(sw, "agent1", plan_cache_mode)
-    none = min(_buffers(sw, "agent2", plan_cache_mode), _buffers(sw, "agent3", plan_cache_mode))
-    _history(sw, 20_000)
-    _buffers(sw, "agent4", plan_cache_mode)
-    many = min(_buffers(sw, "agent5", plan_cache_mode), _buffers(sw, "agent6", plan_cache_mode))
+    with sw.engine.connect() as conn:
+        _buffers(conn, "agent1", plan_cache_mode)
+        none = min(_buffers(conn, "agent2", plan_cache_mode), _buffers(conn, "agent3", plan_cache_mode))
+        _history(sw, 20_000)
+        _buffers(conn, "agent4", plan_cache_mode)
+        many = min(_buffers(conn, "agent5", plan_cache_mode), _buffers(conn, "agent6", plan_cache_mode))
     assert many <= none * 1.2 + 10, (
         f"a switch touched {none} buffers with no failures on record and {many} with 20,000: "
         "its work must not grow with the history"
     )
     assert {s.name for s in sw.subscriptions() if s.cooling_until is not None} == {"S0"}, (
         "old failures do not keep the alternatives cooling"
+    )
+
+
+def test_a_session_that_planned_on_an_empty_history_reads_no_more_once_it_fills(sw: Switcher) -> None:
+    # A pooled session keeps the generic plans it made while failures and the outbox were nearly empty
+    # (ANALYZEd so, as autovacuum does after the first 50 rows) until the next ANALYZE. A plan that scans
+    # the table would then read the whole history on every switch, and history grows by a row or two
+    # per switch, faster than autovacuum looks.
+    for i in range(ALTERNATIVES + 1):
+        sw.add_subscription(f"S{i}", credential_ref=f"env:SWITCHER_CRED_S{i}")
+    _fleet(sw, 1_000)
+    with sw.engine.connect() as conn:
+        _buffers(conn, "agent1", "force_generic_plan")
+        none = min(_buffers(conn, f"agent{i}", "force_generic_plan") for i in (2, 3))
+        _history(sw, 20_000, analyze=False)
+        many = min(_buffers(conn, f"agent{i}", "force_generic_plan") for i in (4, 5))
+    assert many <= none * 1.2 + 10, (
+        f"a switch touched {none} buffers with no history and {many} with 20,000 failures and delivered "
+        "messages on record, in plans made before they were: its work must not grow with the history"
+    )
+
+
+def test_a_drainer_completes_without_scanning_the_outbox_its_plans_predate(url: str, sw: Switcher) -> None:
+    # The same trap on the drainer's side: its completions run as prepared statements, first planned
+    # while the outbox was nearly empty, and finished messages are kept until retention purges them.
+    sw.add_subscription("A", credential_ref="env:SWITCHER_CRED_A")
+    sw.add_agent("agent1", subscription="A")
+    with sw.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+    drainer = Drainer.from_url(url, runtime=SimulatedRuntime())
+    nothing = Message(0, "restart_agent", None, None, 0, {}, 0, 0, datetime.now(UTC))
+    try:
+        with drainer.engine.connect() as conn:
+            for _ in range(20):  # past psycopg's prepare threshold (5), then the server's five custom plans
+                Outbox(conn).complete(worker="w", results=[(nothing, "ok")])
+            _history(sw, 20_000, analyze=False)
+            before = _scanned(conn, "outbox")
+            Outbox(conn).complete(worker="w", results=[(nothing, "ok")])
+            assert _scanned(conn, "outbox") == before, "a completion scanned the outbox"
+    finally:
+        drainer.close()
+
+
+def _scanned(conn: Connection, table: str) -> int:
+    """Rows of ``table`` that sequential scans have read so far, ``conn``'s own included: its statistics
+    reach the shared view when it goes idle after a forced flush."""
+    conn.execute(text("SELECT pg_stat_force_next_flush()"))
+    conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+    return int(
+        conn.execute(
+            text("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relid = CAST(:t AS regclass)"),
+            {"t": f"switcher.{table}"},
+        ).scalar_one()
     )

@@ -24,6 +24,7 @@ CREATE FUNCTION switcher.enqueue_v2(
     OUT message_id bigint, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 -- Add a message, in the caller's transaction. A message about an agent refreshes that agent's pending
 -- message of the same kind instead of adding a second one.
@@ -61,6 +62,7 @@ RETURNS TABLE (id bigint, kind text, agent_id bigint, agent text, generation big
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_sort = off
+SET enable_seqscan = off
 AS $$
 -- Lease up to p_limit due messages of the kinds this drainer handles (p_kinds) to p_worker: events, and
 -- messages about agents placed with this drainer (p_placement; NULL: agents placed nowhere); oldest

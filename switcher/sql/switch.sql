@@ -29,6 +29,11 @@
 --
 -- Every function pins search_path and names every object with its schema, so no object a less
 -- privileged role creates elsewhere (a function or operator in public) is ever called.
+--
+-- The functions a caller enters (here, in outbox.sql and in executions.sql) also set enable_seqscan = off:
+-- every lookup they make has an index, and a session keeps the plans it made while failures and the
+-- outbox were nearly empty until the next ANALYZE, so a scan planned then would read the whole history
+-- on every call as it grows (db/versions/0003_index_probes.sql; tests/test_scale.py).
 
 
 -- function: eligible_v2
@@ -36,6 +41,7 @@ CREATE FUNCTION switcher.eligible_v2(p_exclude bigint, p_window interval, p_only
 RETURNS TABLE (id bigint, name text, priority integer, max_agents integer, load bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 -- The one eligibility rule. A subscription is a candidate when it is not p_exclude, has room under
 -- max_agents and -- unless p_window is NULL (a manual assignment) -- is enabled with no failure inside
@@ -226,6 +232,7 @@ CREATE FUNCTION switcher.handle_failure_v2(
     OUT agent_generation bigint, OUT restart_id bigint, OUT replayed boolean, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 -- One report (see the top of this file). p_snapshot NULL: whatever the agent uses now. p_generation:
 -- the agent's generation the failed request ran under, when the caller knows it (a stricter guard).
@@ -399,6 +406,7 @@ CREATE FUNCTION switcher.assign_v2(
     OUT agent_generation bigint, OUT restart_id bigint, OUT wake boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 -- A manual assignment: the same lock order as a switch (the agent row, then the subscription row if it
 -- has max_agents); ignores cooldown and enabled, respects capacity.
