@@ -32,7 +32,9 @@ def main() -> int:
     parser.add_argument("--database-url", default=os.environ.get("SWITCHER_BENCH_DATABASE_URL"))
     parser.add_argument("--json", metavar="FILE", help="write the rows to FILE as JSON")
     parser.add_argument("--only", choices=("switch", "drainer", "delivery"), action="append")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="length of each throughput sample (three per figure)"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
     args = parser.parse_args()
     chosen = set(args.only or ("switch", "drainer", "delivery"))

@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import statistics
 import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -100,20 +102,6 @@ def throughput_worker(barrier: Any, url: str, agents: list[str], seconds: float)
     return switches, latencies
 
 
-def switch_throughput(server: URL, clients: int, seconds: float) -> tuple[float, float]:
-    """(switches per second, p50 latency)."""
-    with fresh_database(server, "switcher_bench") as db:
-        url = db.render_as_string(hide_password=False)
-        agents = {f"t{c}-{i}": "A" for c in range(clients) for i in range(AGENTS_PER_CLIENT)}
-        setup(url, dict.fromkeys("ABCD"), agents)
-        names = list(agents)
-        results = run_processes(
-            throughput_worker, [(url, names[c::clients], seconds) for c in range(clients)]
-        )
-    latencies = [x for _, lat in results for x in lat]
-    return sum(count for count, _ in results) / seconds, statistics.median(latencies)
-
-
 LOCK_TIMEOUT = Options().lock_timeout_setting
 FUNCTION_SCRIPT = """\\set aid random(1, {agents})
 SELECT wake::int AS wake, restart_id FROM switcher.handle_failure_v2(gen_random_uuid()::text, 'p' || :aid, NULL, NULL,
@@ -127,23 +115,50 @@ runs in sessions that start with ``FUNCTION_SESSION``, as ``Switcher.from_url``'
 FUNCTION_SESSION = f"-c lock_timeout={LOCK_TIMEOUT}"
 
 
-def function_throughput(server: URL, clients: int, seconds: float) -> float:
-    """The database function alone, driven by pgbench (no Python): transactions per second."""
-    with fresh_database(server, "switcher_bench") as db:
-        url = db.render_as_string(hide_password=False)
-        agents = clients * AGENTS_PER_CLIENT
-        setup(url, dict.fromkeys("ABCD"), {})
-        bulk_agents(url, "p", agents, "A")
-        script = FUNCTION_SCRIPT.format(agents=agents, lock_timeout=LOCK_TIMEOUT)
-        pgbench(db, clients, WARM_UP, script=script, session=FUNCTION_SESSION)
-        return pgbench(db, clients, seconds, script=script, session=FUNCTION_SESSION)
+ROUNDS = 3
+"""Throughput samples per figure. The figures take turns, round by round, and each is the median of its
+samples: a machine that speeds up or slows down during the run does so for the reference as well."""
 
 
-def tpcb(server: URL, clients: list[int], seconds: float) -> dict[int, float]:
-    with fresh_database(server, "switcher_pgbench") as db:
-        pgbench_init(db, max(clients))
-        pgbench(db, max(clients), WARM_UP)
-        return {n: pgbench(db, n, seconds) for n in clients}
+@dataclass
+class Throughput:
+    """Per second, one sample per round: pgbench tpcb-like and the Python switch by clients, and the
+    function driven by pgbench at 8 clients; every call's latency of the Python switch by clients."""
+
+    tpcb: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    switches: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    function: list[float] = field(default_factory=list)
+    latencies: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+
+def throughput(server: URL, seconds: float, rounds: int = ROUNDS) -> Throughput:
+    """Each figure ``seconds`` per round, in a database of its own, warmed up once."""
+    out = Throughput()
+    with contextlib.ExitStack() as stack:
+        reference, ours, function = (
+            stack.enter_context(fresh_database(server, f"switcher_bench_{name}"))
+            for name in ("tpcb", "switch", "function")
+        )
+        pgbench_init(reference, 8)
+        pgbench(reference, 8, WARM_UP)
+        url = ours.render_as_string(hide_password=False)
+        agents = [f"t{c}-{i}" for c in range(8) for i in range(AGENTS_PER_CLIENT)]
+        setup(url, dict.fromkeys("ABCD"), dict.fromkeys(agents, "A"))
+        size = 8 * AGENTS_PER_CLIENT
+        setup(function.render_as_string(hide_password=False), dict.fromkeys("ABCD"), {})
+        bulk_agents(function.render_as_string(hide_password=False), "p", size, "A")
+        script = FUNCTION_SCRIPT.format(agents=size, lock_timeout=LOCK_TIMEOUT)
+        pgbench(function, 8, WARM_UP, script=script, session=FUNCTION_SESSION)
+        for _ in range(rounds):
+            for clients in (1, 8):
+                out.tpcb[clients].append(pgbench(reference, clients, seconds))
+                results = run_processes(
+                    throughput_worker, [(url, agents[c::clients], seconds) for c in range(clients)]
+                )
+                out.switches[clients].append(sum(count for count, _ in results) / seconds)
+                out.latencies[clients].extend(x for _, lat in results for x in lat)
+            out.function.append(pgbench(function, 8, seconds, script=script, session=FUNCTION_SESSION))
+    return out
 
 
 # -- latency against the size of the fleet -----------------------------------------------------------
@@ -326,29 +341,32 @@ def burst(server: URL, rounds: int, processes: int = 8, per_process: int = 8) ->
 # -- all of it ---------------------------------------------------------------------------------------
 
 
-def run(server: URL, seconds: float = 5.0, quick: bool = False) -> list[Row]:
+def run(server: URL, seconds: float = 3.0, quick: bool = False) -> list[Row]:
     rows = []
-    reference = tpcb(server, [1, 8], seconds)
+    measured = throughput(server, seconds / 2 if quick else seconds)
+    median = statistics.median
     for clients in (1, 8):
-        rate, p50 = switch_throughput(server, clients, seconds)
         target = ">= 1.0" if clients == 1 else ">= 0.8"
         rows.append(
             Row(
                 f"switches/s, distinct agents, {clients} client(s) / pgbench tpcb-like",
-                rate,
-                reference[clients],
+                median(measured.switches[clients]),
+                median(measured.tpcb[clients]),
                 "per s",
                 target,
-                f"p50 {p50 * 1e3:.2f} ms",
+                f"p50 {median(measured.latencies[clients]) * 1e3:.2f} ms; medians of {ROUNDS} rounds taken "
+                f"in turns with the reference ({_samples(measured.switches[clients])} / "
+                f"{_samples(measured.tpcb[clients])})",
             )
         )
     rows.append(
         Row(
             "pgbench -f handle_failure_v2, 8 clients / tpcb-like 8 clients",
-            function_throughput(server, 8, seconds),
-            reference[8],
+            median(measured.function),
+            median(measured.tpcb[8]),
             "per s",
             ">= 0.8",
+            f"medians of {ROUNDS} rounds ({_samples(measured.function)} / {_samples(measured.tpcb[8])})",
         )
     )
     sizes = [2_000, 20_000] if quick else [2_000, 20_000, 100_000]
@@ -388,3 +406,7 @@ def run(server: URL, seconds: float = 5.0, quick: bool = False) -> list[Row]:
         )
     )
     return rows
+
+
+def _samples(values: list[float]) -> str:
+    return ", ".join(f"{v:.0f}" for v in values)
