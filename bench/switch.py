@@ -74,10 +74,11 @@ system, not of one whose tables and caches are still empty."""
 def throughput_worker(barrier: Any, url: str, agents: list[str], seconds: float) -> tuple[int, list[float]]:
     """Switch its own agents round-robin, ``WARM_UP`` seconds unmeasured, then ``seconds``; (switches,
     latency of every call)."""
-    current = dict.fromkeys(agents, "A")
     latencies: list[float] = []
     switches = 0
     with Switcher.from_url(url, pool_size=1) as sw:
+        mine = set(agents)
+        current = {a.name: a.subscription for a in sw.agents() if a.name in mine}
 
         def call(agent: str) -> Any:
             result = sw.handle_failure(agent, current[agent], RL, "429 Too Many Requests")
@@ -132,7 +133,8 @@ class Throughput:
 
 
 def throughput(server: URL, seconds: float, rounds: int = ROUNDS) -> Throughput:
-    """Each figure ``seconds`` per round, in a database of its own, warmed up once."""
+    """Each figure ``seconds`` per round, in a database of its own; the Python clients warm up before each
+    sample (their processes are new), the others once."""
     out = Throughput()
     with contextlib.ExitStack() as stack:
         reference, ours, function = (
@@ -152,8 +154,9 @@ def throughput(server: URL, seconds: float, rounds: int = ROUNDS) -> Throughput:
         for _ in range(rounds):
             for clients in (1, 8):
                 out.tpcb[clients].append(pgbench(reference, clients, seconds))
+                mine = agents[: clients * AGENTS_PER_CLIENT]  # as many agents per client at 1 and at 8
                 results = run_processes(
-                    throughput_worker, [(url, agents[c::clients], seconds) for c in range(clients)]
+                    throughput_worker, [(url, mine[c::clients], seconds) for c in range(clients)]
                 )
                 out.switches[clients].append(sum(count for count, _ in results) / seconds)
                 out.latencies[clients].extend(x for _, lat in results for x in lat)
@@ -344,7 +347,7 @@ def burst(server: URL, rounds: int, processes: int = 8, per_process: int = 8) ->
 def run(server: URL, seconds: float = 3.0, quick: bool = False) -> list[Row]:
     rows = []
     measured = throughput(server, seconds / 2 if quick else seconds)
-    median = statistics.median
+    median, rounds = statistics.median, len(measured.function)
     for clients in (1, 8):
         target = ">= 1.0" if clients == 1 else ">= 0.8"
         rows.append(
@@ -354,7 +357,7 @@ def run(server: URL, seconds: float = 3.0, quick: bool = False) -> list[Row]:
                 median(measured.tpcb[clients]),
                 "per s",
                 target,
-                f"p50 {median(measured.latencies[clients]) * 1e3:.2f} ms; medians of {ROUNDS} rounds taken "
+                f"p50 {median(measured.latencies[clients]) * 1e3:.2f} ms; medians of {rounds} rounds taken "
                 f"in turns with the reference ({_samples(measured.switches[clients])} / "
                 f"{_samples(measured.tpcb[clients])})",
             )
@@ -366,7 +369,7 @@ def run(server: URL, seconds: float = 3.0, quick: bool = False) -> list[Row]:
             median(measured.tpcb[8]),
             "per s",
             ">= 0.8",
-            f"medians of {ROUNDS} rounds ({_samples(measured.function)} / {_samples(measured.tpcb[8])})",
+            f"medians of {rounds} rounds ({_samples(measured.function)} / {_samples(measured.tpcb[8])})",
         )
     )
     sizes = [2_000, 20_000] if quick else [2_000, 20_000, 100_000]

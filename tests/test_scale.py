@@ -34,17 +34,22 @@ def _fleet(sw: Switcher, size: int) -> None:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
 
 
-def _buffers(conn: Connection, agent: str, plan_cache_mode: str = "auto") -> int:
-    """Shared buffers one switch of ``agent`` touches (hit or read), in ``conn``'s session, its statements
-    planned as ``plan_cache_mode`` says."""
+SWITCH = (
+    "SELECT * FROM switcher.handle_failure_v2(:report, :agent, 'S0', NULL, 'rate_limit', '429', '3s', false, "
+    "NULL, 'switcher_outbox', 'restart_agent', 'notify_switch')"
+)
+ENTER = (
+    "SELECT * FROM switcher.enter_execution_v2(:agent, 'test', '1 minute', '1 second', 1, 'restart_agent')"
+)
+
+
+def _buffers(conn: Connection, agent: str, plan_cache_mode: str = "auto", call: str = SWITCH) -> int:
+    """Shared buffers one ``call`` (a switch) of ``agent`` touches (hit or read), in ``conn``'s session,
+    its statements planned as ``plan_cache_mode`` says."""
     with conn.begin():
         conn.execute(text("SELECT set_config('plan_cache_mode', :mode, true)"), {"mode": plan_cache_mode})
         plan = conn.execute(
-            text(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM switcher.handle_failure_v2("
-                ":report, :agent, 'S0', NULL, 'rate_limit', '429', '3s', false, NULL, "
-                "'switcher_outbox', 'restart_agent', 'notify_switch')"
-            ),
+            text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {call}"),
             {"report": f"report-{agent}", "agent": agent},
         ).scalar_one()
     top = plan[0]["Plan"]
@@ -136,6 +141,22 @@ def test_a_session_that_planned_on_an_empty_history_reads_no_more_once_it_fills(
     assert many <= none * 1.2 + 10, (
         f"a switch touched {none} buffers with no history and {many} with 20,000 failures and delivered "
         "messages on record, in plans made before they were: its work must not grow with the history"
+    )
+
+
+def test_an_execution_registers_without_reading_the_outbox_history(sw: Switcher) -> None:
+    # Every chat and scheduled task registers an execution: it asks whether the agent has a restart
+    # pending or running, which must be a probe, not a read of every message kept until retention.
+    sw.add_subscription("S0", credential_ref="env:SWITCHER_CRED_S0")
+    _fleet(sw, 1_000)
+    with sw.engine.connect() as conn:
+        _buffers(conn, "agent1", call=ENTER)
+        none = min(_buffers(conn, f"agent{i}", call=ENTER) for i in (2, 3))
+        _history(sw, 20_000)
+        _buffers(conn, "agent4", call=ENTER)
+        many = min(_buffers(conn, f"agent{i}", call=ENTER) for i in (5, 6))
+    assert many <= none * 1.2 + 10, (
+        f"a registration touched {none} buffers with no messages on record and {many} with 20,000"
     )
 
 

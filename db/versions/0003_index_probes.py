@@ -1,5 +1,6 @@
-"""The functions a caller enters plan every lookup as an index probe, whatever the statistics say. The
-statements are in the .sql file of the same name.
+"""What a caller's call reads does not grow with the history: the functions a caller enters plan every
+lookup as an index probe, whatever the statistics say, and an execution's registration has an index to
+probe. The statements are in the .sql file of the same name.
 
 Revision ID: 0003
 Revises: 0002

@@ -95,10 +95,11 @@ class Drainer:
             pool_pre_ping=True,
             isolation_level="AUTOCOMMIT",
             pool_reset_on_return=None,  # autocommit connections have nothing to roll back
-            # A drainer's statements run thousands of times per session. Once prepared, a generic plan
-            # made while the outbox was nearly empty would scan it whole on every completion until the
-            # next ANALYZE, as finished messages pile up; a plan made for each call probes its index.
-            connect_args={"options": "-c plan_cache_mode=force_custom_plan"},
+            # A drainer's statements run thousands of times per session. Prepared, they would keep a
+            # generic plan made while the outbox was nearly empty, which scans it whole on every
+            # completion until the next ANALYZE as finished messages pile up. Planned for each call,
+            # they probe its index. (The functions it calls pin their own plans: db/versions/0003.)
+            connect_args={"prepare_threshold": None},
         )
         chosen: dict[str, Handler] = dict(handlers or {})
         if RESTART_AGENT not in chosen:
