@@ -21,7 +21,8 @@
 
 
 -- upgrade: the restarts of an agent that are not finished, for an execution's registration
-CREATE INDEX outbox_unfinished_idx ON switcher.outbox (agent_id, kind) WHERE status IN ('pending', 'running')
+CREATE INDEX outbox_unfinished_idx ON switcher.outbox (agent_id, kind)
+    WHERE status IN ('pending', 'running')
 
 -- upgrade: plans that stay index probes
 ALTER FUNCTION switcher.handle_failure_v2(
