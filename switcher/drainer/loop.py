@@ -52,6 +52,8 @@ PRUNE_BATCH = 500
 
 class Drainer:
     def __init__(self, engine: Engine, handlers: Handlers, config: DrainerConfig | None = None) -> None:
+        """Drain with ``engine`` (``from_url`` makes one). An engine of your own should connect with
+        ``connect_args={"prepare_threshold": None}``, as ``from_url``'s does, for the reason given there."""
         sql.require_driver(engine.dialect, "Drainer")
         self.engine = autocommit(engine)
         self.handlers = dict(handlers)
