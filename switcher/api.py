@@ -10,6 +10,7 @@ on psycopg 3: every query is written in its parameter style) or makes its own (`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any, Generic, Self, TypeVar, final
@@ -46,6 +47,13 @@ def database_url(url: str | URL) -> URL:
         f"switcher needs PostgreSQL through psycopg 3 (postgresql:// or postgresql+psycopg://), "
         f"got {parsed.drivername}://"
     )
+
+
+def _session_options(url: URL) -> str:
+    """The settings sessions of ``url`` would start with: its ``options``, else libpq's ``PGOPTIONS``.
+    An ``options`` given to psycopg replaces both, so one that adds a setting must start from these."""
+    given = url.query.get("options", os.environ.get("PGOPTIONS", ""))
+    return given if isinstance(given, str) else " ".join(given)
 
 
 class _Door(Operations, Generic[E, X]):
@@ -101,10 +109,12 @@ class _Door(Operations, Generic[E, X]):
         (default ``LeastLoaded``); ``max_retries`` bounds internal retries (deadlocks, lost connections).
         """
         options = Options(lock_timeout=lock_timeout, max_retries=max_retries)  # checked before connecting
+        url = database_url(url)
         connect_args = dict(engine_options.pop("connect_args", {}))
         # Sessions start with the switch's lock_timeout, so the switch need not set it on every call.
-        connect_args.setdefault("options", f"-c lock_timeout={options.lock_timeout_setting}")
-        url = database_url(url)
+        # A later -c wins over an earlier one, so this lock_timeout overrides one the URL may set.
+        setting = f"-c lock_timeout={options.lock_timeout_setting}"
+        connect_args.setdefault("options", f"{_session_options(url)} {setting}".strip())
         door = cls(
             cls._create_engine(url, connect_args=connect_args, **engine_options),
             lock_timeout=lock_timeout,

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 from switcher import (
     AlreadyExists,
@@ -315,3 +315,44 @@ def test_lock_timeout_is_spelled_as_postgresql_shows_it(
         assert conn.execute(text("SHOW lock_timeout")).scalar() == setting, (
             "so sessions that have it skip SET"
         )
+
+
+@pytest.mark.parametrize("door", [Switcher, AsyncSwitcher])
+def test_from_url_adds_its_lock_timeout_to_the_session_settings_it_was_given(
+    url: str, monkeypatch: pytest.MonkeyPatch, door: type[Switcher] | type[AsyncSwitcher]
+) -> None:
+    """The URL's ``options`` (else ``PGOPTIONS``) still apply; only lock_timeout is the door's."""
+
+    def settings(given: str, *, in_url: bool) -> list[tuple[str, str, str]]:
+        target = make_url(url)
+        if in_url:
+            monkeypatch.delenv("PGOPTIONS", raising=False)
+            target = target.update_query_dict({"options": given})
+        else:
+            monkeypatch.setenv("PGOPTIONS", given)
+        query = text(
+            "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), "
+            "current_setting('idle_in_transaction_session_timeout')"
+        )
+
+        async def read_async(asw: AsyncSwitcher) -> list[tuple[str, str, str]]:
+            rows = []
+            for engine in (asw.engine, asw._autocommit):
+                async with engine.connect() as conn:
+                    rows.append(tuple((await conn.execute(query)).one()))
+            await asw.close()
+            return rows
+
+        if door is AsyncSwitcher:
+            return asyncio.run(read_async(AsyncSwitcher.from_url(target, lock_timeout=timedelta(seconds=2))))
+        rows = []
+        with Switcher.from_url(target, lock_timeout=timedelta(seconds=2)) as sw:
+            for engine in (sw.engine, sw._autocommit):  # its two pools
+                with engine.connect() as conn:
+                    rows.append(tuple(conn.execute(query).one()))
+        return rows
+
+    given = "-c statement_timeout=4321 -c lock_timeout=9s -c idle_in_transaction_session_timeout=8765"
+    expected = [("2s", "4321ms", "8765ms")] * 2
+    assert settings(given, in_url=True) == expected
+    assert settings(given, in_url=False) == expected
