@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Testcontainers' reaper image cannot be pulled without a registry; the fixtures stop their own containers.
 export TESTCONTAINERS_RYUK_DISABLED ?= true
 # The locally built PostgreSQL image (tests/images/build.sh) when there is one, else the official image.
-LOCAL_PG_IMAGE := switcher-test/postgres:15
+LOCAL_PG_IMAGE := switcher-test/postgres:15-jit
 SWITCHER_TEST_PG_IMAGE ?= $(shell docker image inspect $(LOCAL_PG_IMAGE) >/dev/null 2>&1 && echo $(LOCAL_PG_IMAGE))
 ifneq ($(SWITCHER_TEST_PG_IMAGE),)
 export SWITCHER_TEST_PG_IMAGE

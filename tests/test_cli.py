@@ -138,16 +138,16 @@ def test_migrate_is_quiet_and_says_what_it_did(url: str) -> None:
         sw.uninstall()
     first = switcher("migrate", url=url)
     assert first.returncode == 0 and first.stderr == "", first.stderr
-    assert first.stdout.strip() == "schema switcher migrated from nothing to revision 0003"
+    assert first.stdout.strip() == "schema switcher migrated from nothing to revision 0004"
     again = switcher("migrate", url=url)
-    assert again.stdout.strip() == "schema switcher is up to date (revision 0003)" and again.stderr == ""
-    assert ok("migrate", url=url) == {"schema": "switcher", "revision": "0003", "previous": "0003"}
+    assert again.stdout.strip() == "schema switcher is up to date (revision 0004)" and again.stderr == ""
+    assert ok("migrate", url=url) == {"schema": "switcher", "revision": "0004", "previous": "0004"}
 
 
 def test_check_reports_what_is_wrong(url: str) -> None:
     run = switcher("check", url=url)
     assert run.returncode == 3, "no drainer was ever seen"
-    assert "[ok] schema: at 0003" in run.stdout and "[ok] functions: as shipped" in run.stdout
+    assert "[ok] schema: at 0004" in run.stdout and "[ok] functions: as shipped" in run.stdout
     assert "[FAIL] drainers" in run.stdout
     with Switcher.from_url(url) as sw, sw.engine.begin() as conn:
         conn.execute(text("INSERT INTO switcher.drainers (worker_id) VALUES ('w1')"))

@@ -86,7 +86,7 @@ def test_a_head_function_edited_without_a_migration_is_caught(engine: Any) -> No
 def test_upgrade_downgrade_base_and_upgrade_again_round_trip(engine: Any) -> None:
     with engine.begin() as conn:
         at_head = schema_snapshot(conn)
-        assert current(conn) == head() == "0003"
+        assert current(conn) == head() == "0004"
     with engine.begin() as conn:
         downgrade(conn, "0001")
         assert current(conn) == "0001"
@@ -109,12 +109,17 @@ def test_upgrade_downgrade_base_and_upgrade_again_round_trip(engine: Any) -> Non
         assert conn.execute(text("SELECT auto_switch FROM switcher.settings")).scalar() is True
 
 
-def test_0003_changes_only_the_settings_of_the_functions_a_caller_enters(engine: Any) -> None:
+@pytest.mark.parametrize(
+    ("revision", "without"), [("0003", "jit = off"), ("0002", "enable_seqscan = off and jit = off")]
+)
+def test_0003_and_0004_change_only_the_settings_of_the_functions_a_caller_enters(
+    engine: Any, revision: str, without: str
+) -> None:
     entered = {"handle_failure_v2", "assign_v2", "eligible_v2", "enqueue_v2", "claim_v2"}
     entered.add("enter_execution_v2")
     with engine.begin() as conn:
-        downgrade(conn, "0002")
-        assert set(function_drift(conn)) == entered, "0002's functions, without enable_seqscan = off"
+        downgrade(conn, revision)
+        assert set(function_drift(conn)) == entered, f"{revision}'s functions, without {without}"
     with engine.begin() as conn:
         upgrade(conn)
         assert function_drift(conn) == []

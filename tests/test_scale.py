@@ -4,16 +4,18 @@ at 1,000 and at 20,000 agents, and with 20,000 failures on record as with none. 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 
-from switcher import Switcher
+from switcher import Candidate, FailureKind, Outcome, SelectionPolicy, Switcher
 from switcher.demo.runtime import SimulatedRuntime
 from switcher.drainer import Drainer
-from switcher.outbox import Message, Outbox
+from switcher.outbox import RESTART_AGENT, Message, Outbox
 
 ALTERNATIVES = 16
 
@@ -203,3 +205,61 @@ def _scanned(conn: Connection, table: str) -> int:
             {"t": f"switcher.{table}"},
         ).scalar_one()
     )
+
+
+def test_no_statement_a_callers_call_runs_is_compiled_by_jit(url: str) -> None:
+    """The functions a caller enters set jit = off. With enable_seqscan = off, PostgreSQL 15-17 cost a plan
+    that still scans (subscriptions, a few rows) at 1e10, past every JIT threshold: each switch compiled
+    its candidates query, 100 ms instead of 1 ms (measured on PostgreSQL 15). Here JIT is forced for every
+    plan (jit_above_cost = 0) and auto_explain reports each statement as a notice; those that run inside
+    switcher's functions must not be compiled."""
+    explain = (
+        "-c session_preload_libraries=auto_explain -c auto_explain.log_min_duration=0 "
+        "-c auto_explain.log_nested_statements=on -c auto_explain.log_level=notice -c jit_above_cost=0"
+    )
+    nested: list[str] = []
+
+    def door(policy: SelectionPolicy | None = None) -> Switcher:
+        sw = Switcher.from_url(url, policy=policy, connect_args={"options": explain})
+        for engine in (sw.engine, sw._autocommit):
+            event.listen(engine, "connect", on_connect)
+        return sw
+
+    def on_connect(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.add_notice_handler(
+            lambda notice: (
+                nested.append(notice.message_primary or "")
+                if "function switcher." in (notice.context or "")
+                else None
+            )
+        )
+
+    class Reversed:  # a policy in Python: the candidates come from the host query `candidates`
+        def rank(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+            return list(reversed(candidates))
+
+    with door() as sw, door(Reversed()) as python_policy:
+        with sw.engine.connect() as conn:
+            if not conn.execute(text("SELECT pg_jit_available()")).scalar():
+                pytest.skip("this server has no JIT (the container tests' PostgreSQL 15 has it)")
+        sw.add_subscription("A", credential_ref="env:SWITCHER_CRED_A")
+        for name in ("B", "C"):  # capacity-limited: a switch onto them reserves their row
+            sw.add_subscription(name, credential_ref=f"env:SWITCHER_CRED_{name}", max_agents=5)
+        sw.add_agent("a1", subscription="A")
+        sw.add_agent("a2", subscription="B")
+        sw.add_agent("a3", subscription="A")
+        nested.clear()  # what the calls below run, not what registering them ran
+        assert sw.handle_failure("a1", "A", FailureKind.RATE_LIMIT).outcome is Outcome.SWITCHED
+        assert sw.assign("a1", "A").outcome is Outcome.SWITCHED
+        assert python_policy.handle_failure("a1", "A", FailureKind.AUTH).outcome is Outcome.SWITCHED
+        with sw.engine.begin() as conn:
+            claimed = Outbox(conn).claim(
+                worker="w", limit=10, lease=timedelta(minutes=1), placement=None, kinds=[RESTART_AGENT]
+            )
+            Outbox(conn).enqueue(RESTART_AGENT, "a2", {"agent": "a2"})
+        assert claimed, "the claim found the restart"
+        with sw.execution("a3"):  # no restart of its own to wait for
+            pass
+    assert len(nested) > 20, "auto_explain reported the statements inside switcher's functions"
+    compiled = [plan for plan in nested if "JIT:" in plan]
+    assert compiled == [], compiled[0]

@@ -22,6 +22,7 @@ CREATE FUNCTION switcher.enter_execution_v2(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET jit = off
 AS $$
 -- Register an execution once no restart of the agent is pending or running and its gate is open; the
 -- snapshot is read in the same statement that registers it. Raises lock_not_available after

@@ -25,6 +25,7 @@ CREATE FUNCTION switcher.enqueue_v2(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET jit = off
 AS $$
 -- Add a message, in the caller's transaction. A message about an agent refreshes that agent's pending
 -- message of the same kind instead of adding a second one.
@@ -63,6 +64,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_sort = off
 SET enable_seqscan = off
+SET jit = off
 AS $$
 -- Lease up to p_limit due messages of the kinds this drainer handles (p_kinds) to p_worker: events, and
 -- messages about agents placed with this drainer (p_placement; NULL: agents placed nowhere); oldest

@@ -33,7 +33,9 @@
 -- The functions a caller enters (here, in outbox.sql and in executions.sql) also set enable_seqscan = off:
 -- every lookup they make has an index, and a session keeps the plans it made while failures and the
 -- outbox were nearly empty until the next ANALYZE, so a scan planned then would read the whole history
--- on every call as it grows (db/versions/0003_index_probes.sql; tests/test_scale.py).
+-- on every call as it grows (db/versions/0003_index_probes.sql; tests/test_scale.py). And jit = off:
+-- PostgreSQL 15-17 cost a scan that stays (subscriptions) at 1e10, which would JIT-compile it on every
+-- call, 100 ms per switch (db/versions/0004_no_jit.sql).
 
 
 -- function: eligible_v2
@@ -42,6 +44,7 @@ RETURNS TABLE (id bigint, name text, priority integer, max_agents integer, load 
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET jit = off
 AS $$
 -- The one eligibility rule. A subscription is a candidate when it is not p_exclude, has room under
 -- max_agents and -- unless p_window is NULL (a manual assignment) -- is enabled with no failure inside
@@ -233,6 +236,7 @@ CREATE FUNCTION switcher.handle_failure_v2(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET jit = off
 AS $$
 -- One report (see the top of this file). p_snapshot NULL: whatever the agent uses now. p_generation:
 -- the agent's generation the failed request ran under, when the caller knows it (a stricter guard).
@@ -407,6 +411,7 @@ CREATE FUNCTION switcher.assign_v2(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET jit = off
 AS $$
 -- A manual assignment: the same lock order as a switch (the agent row, then the subscription row if it
 -- has max_agents); ignores cooldown and enabled, respects capacity.

@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-image=switcher-test/postgres:15
+image=switcher-test/postgres:15-jit
 if [[ $force != --force ]] && docker image inspect "$image" >/dev/null 2>&1; then
     exit 0
 fi
@@ -40,7 +40,7 @@ for binary in postgres initdb pg_ctl psql; do put "$root" "$bindir/$binary"; don
 put_libs "$root" "$bindir"/{postgres,initdb,pg_ctl,psql}
 put "$root" "$sharedir"
 put "$root" "$libdir"
-rm -rf "$root$libdir/bitcode" "$root$libdir"/llvmjit*  # no JIT in the image
+# JIT included, as in PostgreSQL's official images (see postgres-entrypoint.sh).
 put_libs "$root" "$root$libdir"/*.so
 put "$root" /usr/share/zoneinfo/UTC
 put "$root" /usr/share/zoneinfo/Etc/UTC
