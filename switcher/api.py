@@ -51,7 +51,8 @@ def database_url(url: str | URL) -> URL:
 
 def _session_options(url: URL) -> str:
     """The settings sessions of ``url`` would start with: its ``options``, else libpq's ``PGOPTIONS``.
-    An ``options`` given to psycopg replaces both, so one that adds a setting must start from these."""
+    An ``options`` given to psycopg replaces both, so one that adds a setting must start from these.
+    (Options from a libpq service file are not seen here, and are replaced.)"""
     given = url.query.get("options", os.environ.get("PGOPTIONS", ""))
     return given if isinstance(given, str) else " ".join(given)
 
@@ -105,16 +106,19 @@ class _Door(Operations, Generic[E, X]):
         """Connect with psycopg 3 (a plain ``postgresql://`` URL is fine); ``engine_options`` go to
         SQLAlchemy (``pool_size``, ``pool_pre_ping``, ...).
 
+        Sessions start with the settings given in ``connect_args={"options": ...}``, else in the URL's
+        ``options``, else in ``PGOPTIONS``, and with ``lock_timeout`` after them.
+
         ``lock_timeout`` bounds every row-lock wait (then ``SwitchBusy``); ``policy`` ranks alternatives
         (default ``LeastLoaded``); ``max_retries`` bounds internal retries (deadlocks, lost connections).
         """
         options = Options(lock_timeout=lock_timeout, max_retries=max_retries)  # checked before connecting
         url = database_url(url)
         connect_args = dict(engine_options.pop("connect_args", {}))
-        # Sessions start with the switch's lock_timeout, so the switch need not set it on every call.
-        # A later -c wins over an earlier one, so this lock_timeout overrides one the URL may set.
-        setting = f"-c lock_timeout={options.lock_timeout_setting}"
-        connect_args.setdefault("options", f"{_session_options(url)} {setting}".strip())
+        # Sessions start with the switch's lock_timeout, so the switch need not set it on every call. It
+        # comes last: of two -c of one setting, the later wins.
+        given = connect_args.get("options", _session_options(url))
+        connect_args["options"] = f"{given} -c lock_timeout={options.lock_timeout_setting}".strip()
         door = cls(
             cls._create_engine(url, connect_args=connect_args, **engine_options),
             lock_timeout=lock_timeout,

@@ -318,41 +318,44 @@ def test_lock_timeout_is_spelled_as_postgresql_shows_it(
 
 
 @pytest.mark.parametrize("door", [Switcher, AsyncSwitcher])
+@pytest.mark.parametrize("given_in", ["connect_args", "url", "PGOPTIONS"])
 def test_from_url_adds_its_lock_timeout_to_the_session_settings_it_was_given(
-    url: str, monkeypatch: pytest.MonkeyPatch, door: type[Switcher] | type[AsyncSwitcher]
+    url: str, monkeypatch: pytest.MonkeyPatch, door: type[Switcher] | type[AsyncSwitcher], given_in: str
 ) -> None:
-    """The URL's ``options`` (else ``PGOPTIONS``) still apply; only lock_timeout is the door's."""
+    """Settings given in connect_args, else in the URL's ``options``, else in ``PGOPTIONS`` still apply
+    to both of the door's pools; only lock_timeout is the door's."""
+    given = "-c statement_timeout=4321 -c lock_timeout=9s -c idle_in_transaction_session_timeout=8765"
+    target, connect_args = make_url(url), {}
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    if given_in == "connect_args":
+        connect_args = {"options": given}
+        monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=1")  # replaced, as by libpq
+    elif given_in == "url":
+        target = target.update_query_dict({"options": given})
+        monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=1")
+    else:
+        monkeypatch.setenv("PGOPTIONS", given)
+    query = text(
+        "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), "
+        "current_setting('idle_in_transaction_session_timeout')"
+    )
+    two_seconds = timedelta(seconds=2)
 
-    def settings(given: str, *, in_url: bool) -> list[tuple[str, str, str]]:
-        target = make_url(url)
-        if in_url:
-            monkeypatch.delenv("PGOPTIONS", raising=False)
-            target = target.update_query_dict({"options": given})
-        else:
-            monkeypatch.setenv("PGOPTIONS", given)
-        query = text(
-            "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), "
-            "current_setting('idle_in_transaction_session_timeout')"
-        )
-
-        async def read_async(asw: AsyncSwitcher) -> list[tuple[str, str, str]]:
-            rows = []
-            for engine in (asw.engine, asw._autocommit):
-                async with engine.connect() as conn:
-                    rows.append(tuple((await conn.execute(query)).one()))
-            await asw.close()
-            return rows
-
-        if door is AsyncSwitcher:
-            return asyncio.run(read_async(AsyncSwitcher.from_url(target, lock_timeout=timedelta(seconds=2))))
+    async def read_async() -> list[tuple[str, ...]]:
+        asw = AsyncSwitcher.from_url(target, lock_timeout=two_seconds, connect_args=connect_args)
         rows = []
-        with Switcher.from_url(target, lock_timeout=timedelta(seconds=2)) as sw:
-            for engine in (sw.engine, sw._autocommit):  # its two pools
-                with engine.connect() as conn:
-                    rows.append(tuple(conn.execute(query).one()))
+        for engine in (asw.engine, asw._autocommit):  # its two pools
+            async with engine.connect() as conn:
+                rows.append(tuple((await conn.execute(query)).one()))
+        await asw.close()
         return rows
 
-    given = "-c statement_timeout=4321 -c lock_timeout=9s -c idle_in_transaction_session_timeout=8765"
-    expected = [("2s", "4321ms", "8765ms")] * 2
-    assert settings(given, in_url=True) == expected
-    assert settings(given, in_url=False) == expected
+    if door is AsyncSwitcher:
+        rows = asyncio.run(read_async())
+    else:
+        rows = []
+        with Switcher.from_url(target, lock_timeout=two_seconds, connect_args=connect_args) as sw:
+            for engine in (sw.engine, sw._autocommit):
+                with engine.connect() as conn:
+                    rows.append(tuple(conn.execute(query).one()))
+    assert rows == [("2s", "4321ms", "8765ms")] * 2
