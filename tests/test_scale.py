@@ -259,7 +259,7 @@ def test_no_statement_inside_the_functions_a_caller_enters_is_compiled_by_jit(
         sw.add_agent("a1", subscription="A")
         sw.add_agent("a2", subscription="B")
         sw.add_agent("a3", subscription="A")
-        nested.clear()  # what the calls below run, not what registering them ran
+        nested.clear()  # only what the calls below run
         sw.add_agent("a4", subscription="C")  # reserves C's row, as a switch onto it does
         assert sw.handle_failure("a1", "A", FailureKind.RATE_LIMIT).outcome is Outcome.SWITCHED
         assert sw.assign("a1", "A").outcome is Outcome.SWITCHED
