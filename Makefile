@@ -31,9 +31,9 @@ test: lint
 
 # The tests of what PostgreSQL decides (SQL, locks, the outbox, migrations) again on the embedded server
 # (PostgreSQL 18), whatever `make test` used; the CLI, Docker and webhook tests do not depend on its version.
-DATABASE_TESTS := tests/test_switch.py tests/test_async_door.py tests/test_concurrency.py tests/test_outbox.py tests/test_drainer.py \
-	tests/test_hardening.py tests/test_migrations.py tests/test_scale.py tests/test_bad_input.py \
-	tests/test_placement.py tests/test_history.py
+DATABASE_TESTS := tests/test_switch.py tests/test_async_door.py tests/test_concurrency.py \
+	tests/test_outbox.py tests/test_drainer.py tests/test_hardening.py tests/test_migrations.py \
+	tests/test_scale.py tests/test_bad_input.py tests/test_placement.py tests/test_history.py
 test-embedded: $(BIN)/.installed
 	SWITCHER_TEST_PG=embedded $(BIN)/python -m pytest -m "not docker" $(DATABASE_TESTS)
 

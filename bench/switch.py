@@ -119,7 +119,7 @@ FUNCTION_SESSION = f"-c lock_timeout={LOCK_TIMEOUT}"
 
 HERD_ROUNDS = 3
 """Herds per figure, asyncio and synchronous taking turns: one herd lasts a third of a second, and its
-settle time swings by a quarter from one run to the next (0.31-0.44 s in one afternoon)."""
+settle time swings by a quarter from one run to the next (0.31-0.44 s within one session)."""
 
 ROUNDS = 3
 """Throughput samples per figure. The figures take turns, round by round, and each is the median of its
