@@ -289,10 +289,19 @@ def setup_concurrent(
     return names
 
 
+@dataclass(frozen=True, order=True)
+class Herd:
+    settle: float
+    """Seconds from the start signal until every agent is settled."""
+    detail: str
+    sound: bool
+    """Every agent switched, and no subscription went over its cap."""
+
+
 def herd(
     server: URL, agents: int = 200, cap: int | None = 70, processes: int = 8, *, sync: bool = False
-) -> tuple[float, str]:
-    """Seconds from the start signal until all ``agents`` are settled; a detail line. Each process is an
+) -> Herd:
+    """One herd: how long until all ``agents`` are settled, and whether it was sound. Each process is an
     asyncio backend with a pool of 4 reporting its share of the herd at once or, ``sync``, a scheduler
     reporting its share one after another on one connection."""
     with fresh_database(server, "switcher_bench") as db:
@@ -315,7 +324,7 @@ def herd(
         f"switched {outcomes.count('switched')}/{agents}; loads {loads}; caps respected: {respected}; "
         f"call p50 {pct(latencies, 50) * 1e3:.1f} ms, p99 {pct(latencies, 99) * 1e3:.1f} ms"
     )
-    return settle, detail
+    return Herd(settle, detail, respected and outcomes.count("switched") == agents)
 
 
 def burst(server: URL, rounds: int, processes: int = 8, per_process: int = 8) -> tuple[float, float, str]:
@@ -390,20 +399,27 @@ def run(server: URL, seconds: float = 3.0, quick: bool = False) -> list[Row]:
             f"2,000: {p50[2_000] * 1e3:.2f} ms; 20,000: {p50[20_000] * 1e3:.2f} ms{at_100k}",
         )
     )
-    herds: dict[bool, list[tuple[float, str]]] = {False: [], True: []}
+    herds: dict[bool, list[Herd]] = {False: [], True: []}
     for _ in range(1 if quick else HERD_ROUNDS):
         for sync in (False, True):
             herds[sync].append(herd(server, sync=sync))
-    (settle, detail), (sync_settle, sync_detail) = (_median_run(herds[sync]) for sync in (False, True))
+    median, sync_median = (sorted(herds[sync])[len(herds[sync]) // 2] for sync in (False, True))
+    unsound = sum(not h.sound for runs in herds.values() for h in runs)
     rows.append(
         Row(
             "herd of 200 onto 3 x 70 capped, 8 processes: seconds to settle / 0.25 s",
-            settle,
+            median.settle,
             0.25,
             "s",
             "<= 1.0",
-            f"median of {len(herds[False])} herds ({_settles(herds[False])} s): {detail}. The same herd "
-            f"from 8 synchronous callers: {sync_settle:.3f} s ({_settles(herds[True])} s); {sync_detail}",
+            f"median of {len(herds[False])} herds ({_settles(herds[False])} s): {median.detail}. The same "
+            f"herd from 8 synchronous callers: {sync_median.settle:.3f} s ({_settles(herds[True])} s); "
+            f"{sync_median.detail}. "
+            + (
+                f"{unsound} HERD(S) LEFT AGENTS UNSWITCHED OR WENT OVER A CAP"
+                if unsound
+                else "All herds sound."
+            ),
         )
     )
     one, many, detail = burst(server, rounds=3 if quick else 5)
@@ -424,10 +440,5 @@ def _samples(values: list[float]) -> str:
     return ", ".join(f"{v:.0f}" for v in values)
 
 
-def _median_run(runs: list[tuple[float, str]]) -> tuple[float, str]:
-    """The run whose settle time is the median (the upper one of an even count), with its detail."""
-    return sorted(runs)[len(runs) // 2]
-
-
-def _settles(runs: list[tuple[float, str]]) -> str:
-    return ", ".join(f"{settle:.3f}" for settle, _ in runs)
+def _settles(runs: list[Herd]) -> str:
+    return ", ".join(f"{h.settle:.3f}" for h in runs)

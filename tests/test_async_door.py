@@ -130,7 +130,8 @@ def test_a_report_on_a_connection_the_server_dropped_is_retried_on_a_new_one(sw:
         async with asw._autocommit.connect() as conn:
             pid = (await conn.get_raw_connection()).driver_connection.info.backend_pid
         with sw.engine.connect() as admin:
-            assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+            terminated = text("SELECT pg_terminate_backend(:pid, 10000)")  # returns once it has exited
+            assert admin.execute(terminated, {"pid": pid}).scalar_one()
         second = await asw.handle_failure("bob", "A", RL)
         async with asw._autocommit.connect() as conn:
             new_pid = (await conn.get_raw_connection()).driver_connection.info.backend_pid
@@ -152,7 +153,7 @@ def test_a_cancelled_report_leaves_the_pool_usable(sw: Switcher, url: str) -> No
             holder.begin()
             holder.execute(text("SELECT FROM switcher.agents WHERE name = 'alice' FOR UPDATE"))
             report = asyncio.ensure_future(asw.handle_failure("alice", "A", RL))
-            while not _lock_waiters(sw):
+            while not _lock_waiters(sw) and not report.done():
                 await asyncio.sleep(0.01)  # polling the server for the wait, not timing it
             report.cancel()
             with pytest.raises(asyncio.CancelledError):
