@@ -93,7 +93,7 @@ def test_a_python_policy_ranks_the_candidates_of_a_report(sw: Switcher, url: str
     assert result.new_subscription == "C", "the policy's first choice, not the least loaded B"
 
 
-def test_a_report_wakes_the_drainers_after_its_commit(sw: Switcher, url: str) -> None:
+def test_a_report_wakes_the_drainers(sw: Switcher, url: str) -> None:
     _three(sw)
     with psycopg.connect(url.replace("+psycopg", "", 1), autocommit=True) as listener:
         listener.execute("LISTEN switcher_outbox")
