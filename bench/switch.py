@@ -3,9 +3,8 @@
 * throughput at 1 and 8 clients (switches of distinct agents per second) beside ``pgbench -b tpcb-like``;
 * the database function alone, driven by ``pgbench -f`` at 8 clients, beside tpcb-like at 8 clients;
 * the latency of one switch with 20,000 (and 100,000) agents registered beside 2,000;
-* a herd of 200 agents onto 3 subscriptions capped at 70, from 8 processes: time until all are settled,
-  the median of three herds
-  (asyncio backends, and beside it the same herd from synchronous callers);
+* a herd of 200 agents onto 3 subscriptions capped at 70, from 8 processes: time until all are settled
+  (asyncio backends, and beside it the same herd from synchronous callers), the median of three herds;
 * a burst of 64 concurrent reports of one agent's failure beside 64 concurrent reports of 64 agents.
 
 Client processes open (and use once) their connections before the start signal, as a running backend's
