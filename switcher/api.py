@@ -49,11 +49,19 @@ def database_url(url: str | URL) -> URL:
     )
 
 
-def _session_options(url: URL) -> str:
-    """The settings sessions of ``url`` would start with: its ``options``, else libpq's ``PGOPTIONS``.
-    An ``options`` given to psycopg replaces both, so one that adds a setting must start from these.
-    (Options from a libpq service file are not seen here, and are replaced.)"""
-    given = url.query.get("options", os.environ.get("PGOPTIONS", ""))
+def _session_options(url: URL, connect_args: dict[str, Any]) -> str | None:
+    """The settings sessions of ``url`` start with, which the door's ``options`` must repeat: an
+    ``options`` given to psycopg replaces them. Those of ``connect_args``, else the URL's, else
+    ``PGOPTIONS``; None when a libpq service is named instead, whose file may hold options that libpq
+    ranks above ``PGOPTIONS`` and that cannot be read here: its sessions are left as libpq makes them."""
+    if "options" in connect_args:
+        given = connect_args["options"]
+    elif "options" in url.query:
+        given = url.query["options"]
+    elif "service" in connect_args or "service" in url.query or os.environ.get("PGSERVICE"):
+        return None
+    else:
+        given = os.environ.get("PGOPTIONS", "")
     return given if isinstance(given, str) else " ".join(given)
 
 
@@ -104,10 +112,14 @@ class _Door(Operations, Generic[E, X]):
         **engine_options: Any,
     ) -> Self:
         """Connect with psycopg 3 (a plain ``postgresql://`` URL is fine); ``engine_options`` go to
-        SQLAlchemy (``pool_size``, ``pool_pre_ping``, ...).
+        SQLAlchemy (``pool_size``, ``pool_pre_ping``, ...). The door has two pools, each made with them:
+        one for reports and assignments (in autocommit mode), one for everything else, so it may hold
+        up to twice ``pool_size + max_overflow`` connections.
 
         Sessions start with the settings given in ``connect_args={"options": ...}``, else in the URL's
-        ``options``, else in ``PGOPTIONS``, and with ``lock_timeout`` after them.
+        ``options``, else in ``PGOPTIONS``, and with ``lock_timeout`` after them. With a libpq service
+        (``?service=`` or ``PGSERVICE``) and no options given, they start as libpq makes them, and each
+        switch sets ``lock_timeout`` for its own transaction.
 
         ``lock_timeout`` bounds every row-lock wait (then ``SwitchBusy``); ``policy`` ranks alternatives
         (default ``LeastLoaded``); ``max_retries`` bounds internal retries (deadlocks, lost connections).
@@ -115,10 +127,12 @@ class _Door(Operations, Generic[E, X]):
         options = Options(lock_timeout=lock_timeout, max_retries=max_retries)  # checked before connecting
         url = database_url(url)
         connect_args = dict(engine_options.pop("connect_args", {}))
-        # Sessions start with the switch's lock_timeout, so the switch need not set it on every call. It
-        # comes last: of two -c of one setting, the later wins.
-        given = connect_args.get("options", _session_options(url))
-        connect_args["options"] = f"{given} -c lock_timeout={options.lock_timeout_setting}".strip()
+        # Sessions start with the switch's lock_timeout, so the switch need not set it for every call (it
+        # does when they lack it). It comes last: of two -c of one setting, the later wins. Not a SET once
+        # connected: behind a transaction-pooling proxy, that would change other clients' sessions.
+        given = _session_options(url, connect_args)
+        if given is not None:
+            connect_args["options"] = f"{given} -c lock_timeout={options.lock_timeout_setting}".strip()
         door = cls(
             cls._create_engine(url, connect_args=connect_args, **engine_options),
             lock_timeout=lock_timeout,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import make_url, text
+from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy import URL, make_url, text
 
 from switcher import (
     AlreadyExists,
@@ -19,6 +21,7 @@ from switcher import (
     FailureKind,
     LeastLoaded,
     Outcome,
+    SwitchBusy,
     Switcher,
 )
 from switcher.selection import BuiltinPolicy
@@ -318,12 +321,17 @@ def test_lock_timeout_is_spelled_as_postgresql_shows_it(
 
 
 @pytest.mark.parametrize("door", [Switcher, AsyncSwitcher])
-@pytest.mark.parametrize("given_in", ["connect_args", "url", "PGOPTIONS"])
+@pytest.mark.parametrize("given_in", ["connect_args", "url", "service", "PGOPTIONS"])
 def test_from_url_adds_its_lock_timeout_to_the_session_settings_it_was_given(
-    url: str, monkeypatch: pytest.MonkeyPatch, door: type[Switcher] | type[AsyncSwitcher], given_in: str
+    url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    door: type[Switcher] | type[AsyncSwitcher],
+    given_in: str,
 ) -> None:
     """Settings given in connect_args, else in the URL's ``options``, else in ``PGOPTIONS`` still apply
-    to both of the door's pools; only lock_timeout is the door's."""
+    to both of the door's pools; only lock_timeout is the door's. A service file's apply untouched (the
+    switch sets its lock_timeout per transaction: next test)."""
     given = "-c statement_timeout=4321 -c lock_timeout=9s -c idle_in_transaction_session_timeout=8765"
     target, connect_args = make_url(url), {}
     monkeypatch.delenv("PGOPTIONS", raising=False)
@@ -333,6 +341,9 @@ def test_from_url_adds_its_lock_timeout_to_the_session_settings_it_was_given(
     elif given_in == "url":
         target = target.update_query_dict({"options": given})
         monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=1")
+    elif given_in == "service":
+        target = _service(target, given, tmp_path, monkeypatch)
+        monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=1")  # a service's come first, in libpq
     else:
         monkeypatch.setenv("PGOPTIONS", given)
     query = text(
@@ -358,4 +369,44 @@ def test_from_url_adds_its_lock_timeout_to_the_session_settings_it_was_given(
             for engine in (sw.engine, sw._autocommit):
                 with engine.connect() as conn:
                     rows.append(tuple(conn.execute(query).one()))
-    assert rows == [("2s", "4321ms", "8765ms")] * 2
+    assert rows == [("9s" if given_in == "service" else "2s", "4321ms", "8765ms")] * 2
+
+
+def _service(target: URL, options: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> URL:
+    """A URL naming a libpq service, in a service file of its own, that connects where ``target`` does
+    with ``options``."""
+    where = target.set(drivername="postgresql").render_as_string(hide_password=False)
+    lines = ["[switcher-test]", *(f"{k}={v}" for k, v in conninfo_to_dict(where).items())]
+    (tmp_path / "pg_service.conf").write_text("\n".join([*lines, f"options={options}"]) + "\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "pg_service.conf"))
+    return make_url("postgresql:///?service=switcher-test")
+
+
+@pytest.mark.parametrize("door", [Switcher, AsyncSwitcher])
+def test_a_switch_on_a_service_files_sessions_waits_no_longer_than_the_doors_lock_timeout(
+    sw: Switcher, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, door: type
+) -> None:
+    """The service's sessions wait for locks without end; the switch still ends its wait in SwitchBusy
+    (statement_timeout only bounds a failure of this test)."""
+    sw.add_subscription("A", credential_ref="env:TOKEN_A")
+    sw.add_subscription("B", credential_ref="env:TOKEN_B")
+    sw.add_agent("alice", subscription="A")
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    target = _service(make_url(url), "-c lock_timeout=0 -c statement_timeout=10s", tmp_path, monkeypatch)
+    short = timedelta(milliseconds=200)
+
+    async def report_async() -> None:
+        async with AsyncSwitcher.from_url(target, lock_timeout=short) as asw:
+            await asw.handle_failure("alice", "A", RL)
+
+    with sw.engine.connect() as holder:
+        holder.begin()
+        holder.execute(text("SELECT FROM switcher.agents WHERE name = 'alice' FOR UPDATE"))
+        with pytest.raises(SwitchBusy, match="lock_timeout"):
+            if door is AsyncSwitcher:
+                asyncio.run(report_async())
+            else:
+                with Switcher.from_url(target, lock_timeout=short) as other:
+                    other.handle_failure("alice", "A", RL)
+        holder.rollback()
+    assert count(sw, "failures") == 0
