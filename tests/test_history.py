@@ -33,6 +33,23 @@ def pg() -> Iterator[RestartablePostgres]:
         yield server
 
 
+def test_a_restarted_server_is_stopped_when_closed() -> None:
+    """Else every history would leave a server running on, its data directory deleted."""
+    with restartable_postgres() as server:
+        server.restart()
+        pid = int((server._server.pgdata / "postmaster.pid").read_text().split()[0])
+        assert _alive(pid)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _assert_clean(outcome: run.RunResult) -> None:
     figures = outcome.figures
     bad = {name: found for name, found in outcome.violations.items() if found}
