@@ -24,6 +24,7 @@ from . import sql
 from .errors import DatabaseURLError, InvalidInput
 from .executions import DEFAULT_GATE_TIMEOUT, DEFAULT_TTL, AsyncExecution, Execution
 from .operations import Context, Operation, Operations, joined_connection
+from .registry import Registry
 from .selection import SelectionPolicy
 from .switch import Options
 
@@ -92,6 +93,9 @@ class _Door(Operations, Generic[E, X]):
         if policy is not None:
             options["policy"] = policy
         self.options = Options(**options)
+        # Whether sessions start with the door's lock_timeout (from_url's, but a host's engine's or a
+        # libpq service's are as they are): else each transaction of an operation sets it for itself.
+        self._sessions_have_lock_timeout = False
 
     @staticmethod
     def _engine_class() -> type[E]:
@@ -118,11 +122,12 @@ class _Door(Operations, Generic[E, X]):
 
         Sessions start with the settings given in ``connect_args={"options": ...}``, else in the URL's
         ``options``, else in ``PGOPTIONS``, and with ``lock_timeout`` after them. With a libpq service
-        (``?service=`` or ``PGSERVICE``) and no options given, they start as libpq makes them, and each
-        switch sets ``lock_timeout`` for its own transaction.
+        (``?service=``, ``service`` in ``connect_args``, ``PGSERVICE``) and no options given, they start
+        as libpq makes them, and every operation sets ``lock_timeout`` for its own transaction.
 
-        ``lock_timeout`` bounds every row-lock wait (then ``SwitchBusy``); ``policy`` ranks alternatives
-        (default ``LeastLoaded``); ``max_retries`` bounds internal retries (deadlocks, lost connections).
+        ``lock_timeout`` bounds every row-lock wait (a switch's ends in ``SwitchBusy``, another's in
+        SQLAlchemy's ``OperationalError``); ``policy`` ranks alternatives (default ``LeastLoaded``);
+        ``max_retries`` bounds internal retries (deadlocks, lost connections).
         """
         options = Options(lock_timeout=lock_timeout, max_retries=max_retries)  # checked before connecting
         url = database_url(url)
@@ -139,6 +144,7 @@ class _Door(Operations, Generic[E, X]):
             policy=policy,
             max_retries=max_retries,
         )
+        door._sessions_have_lock_timeout = given is not None
         # Connections that are in autocommit mode from birth: nothing to set or reset around a report.
         door._autocommit = cls._create_engine(
             url,
@@ -148,6 +154,13 @@ class _Door(Operations, Generic[E, X]):
             **engine_options,
         )
         return door
+
+    def _transaction(self, conn: Connection) -> Context:
+        """The context of an operation in a transaction of its own, whose lock waits end after the
+        door's lock_timeout, as a switch's do, whatever the session's is."""
+        if not self._sessions_have_lock_timeout:
+            Registry(conn).bound_lock_waits(self.options.lock_timeout_setting)
+        return Context(conn, self.options)
 
     def execution(
         self,
@@ -188,7 +201,7 @@ class Switcher(_Door[Engine, Execution]):
             return operation.body(Context(joined, self.options, joined=True), *args, **kwargs)
         if operation.mode == "transaction":
             with self.engine.begin() as conn:
-                return operation.body(Context(conn, self.options), *args, **kwargs)
+                return operation.body(self._transaction(conn), *args, **kwargs)
         with self._autocommit.connect() as conn:
             return operation.body(Context(conn, self.options), *args, **kwargs)
 
@@ -234,11 +247,14 @@ class AsyncSwitcher(_Door[AsyncEngine, AsyncExecution]):
         def body(conn: Connection, joined: bool = False) -> T:
             return operation.body(Context(conn, self.options, joined=joined), *args, **kwargs)
 
+        def in_transaction(conn: Connection) -> T:
+            return operation.body(self._transaction(conn), *args, **kwargs)
+
         if joined is not None:
             return await joined.run_sync(body, True)
         if operation.mode == "transaction":
             async with self.engine.begin() as conn:
-                return await conn.run_sync(body)
+                return await conn.run_sync(in_transaction)
         async with self._autocommit.connect() as conn:
             return await conn.run_sync(body)
 

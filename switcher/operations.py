@@ -331,7 +331,7 @@ class Operations:
         }
         sub_name = validate.optional_name(subscription, "subscription")
         if sub_name is not None:
-            found = ctx.db.reserve_for_agent(sub_name, ctx.options.lock_timeout_setting)
+            found = ctx.db.reserve_for_agent(sub_name)
             if found is None:
                 raise UnknownSubscription(sub_name)
             if not found.has_room:

@@ -73,9 +73,12 @@ class Registry:
 
     # -- agents ----------------------------------------------------------------------------------------
 
-    def reserve_for_agent(self, subscription: str, lock_timeout: str) -> Row[Any] | None:
-        """Lock a capacity-limited subscription as a switch onto it would; (id, max_agents, has_room)."""
+    def bound_lock_waits(self, lock_timeout: str) -> None:
+        """Lock waits of this transaction end after ``lock_timeout``."""
         _REGISTRY.run(self.conn, "set_lock_timeout", lock_timeout=lock_timeout)
+
+    def reserve_for_agent(self, subscription: str) -> Row[Any] | None:
+        """Lock a capacity-limited subscription as a switch onto it would; (id, max_agents, has_room)."""
         return self._one("reserve_for_agent", name=subscription)
 
     def add_agent(self, **row: Any) -> bool:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import URL, make_url, text
+from sqlalchemy import URL, create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from switcher import (
     AlreadyExists,
@@ -335,6 +339,7 @@ def test_from_url_adds_its_lock_timeout_to_the_session_settings_it_was_given(
     given = "-c statement_timeout=4321 -c lock_timeout=9s -c idle_in_transaction_session_timeout=8765"
     target, connect_args = make_url(url), {}
     monkeypatch.delenv("PGOPTIONS", raising=False)
+    monkeypatch.delenv("PGSERVICE", raising=False)
     if given_in == "connect_args":
         connect_args = {"options": given}
         monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=1")  # replaced, as by libpq
@@ -382,31 +387,55 @@ def _service(target: URL, options: str, tmp_path: Path, monkeypatch: pytest.Monk
     return make_url("postgresql:///?service=switcher-test")
 
 
+UNBOUNDED = "-c lock_timeout=0 -c statement_timeout=10s"
+"""Sessions that wait for locks without end (statement_timeout only bounds a failure of the test)."""
+
+
 @pytest.mark.parametrize("door", [Switcher, AsyncSwitcher])
-def test_a_switch_on_a_service_files_sessions_waits_no_longer_than_the_doors_lock_timeout(
-    sw: Switcher, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, door: type
+@pytest.mark.parametrize("sessions", ["service file", "host's engine"])
+def test_lock_waits_end_after_the_doors_lock_timeout_whatever_the_sessions_say(
+    sw: Switcher, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, door: type, sessions: str
 ) -> None:
-    """The service's sessions wait for locks without end; the switch still ends its wait in SwitchBusy
-    (statement_timeout only bounds a failure of this test)."""
+    """A switch ends its wait in SwitchBusy, an operation in a transaction of its own in
+    lock_not_available, though their sessions would wait without end."""
     sw.add_subscription("A", credential_ref="env:TOKEN_A")
     sw.add_subscription("B", credential_ref="env:TOKEN_B")
     sw.add_agent("alice", subscription="A")
     monkeypatch.delenv("PGOPTIONS", raising=False)
-    target = _service(make_url(url), "-c lock_timeout=0 -c statement_timeout=10s", tmp_path, monkeypatch)
+    monkeypatch.delenv("PGSERVICE", raising=False)
     short = timedelta(milliseconds=200)
+    if sessions == "service file":
+        target = _service(make_url(url), UNBOUNDED, tmp_path, monkeypatch)
+        make: Any = functools.partial(door.from_url, target, lock_timeout=short)
+    else:
+        engines = {Switcher: create_engine, AsyncSwitcher: create_async_engine}
+        engine = engines[door](url, connect_args={"options": UNBOUNDED})
+        make = functools.partial(door, engine, lock_timeout=short)
 
-    async def report_async() -> None:
-        async with AsyncSwitcher.from_url(target, lock_timeout=short) as asw:
-            await asw.handle_failure("alice", "A", RL)
+    async def call_async(operation: str, *args: Any) -> None:
+        asw = make()
+        try:
+            await getattr(asw, operation)(*args)
+        finally:
+            await asw.close()
+
+    def call(operation: str, *args: Any) -> None:
+        if door is AsyncSwitcher:
+            return asyncio.run(call_async(operation, *args))
+        other = make()
+        try:
+            getattr(other, operation)(*args)
+        finally:
+            other.close()
 
     with sw.engine.connect() as holder:
         holder.begin()
         holder.execute(text("SELECT FROM switcher.agents WHERE name = 'alice' FOR UPDATE"))
         with pytest.raises(SwitchBusy, match="lock_timeout"):
-            if door is AsyncSwitcher:
-                asyncio.run(report_async())
-            else:
-                with Switcher.from_url(target, lock_timeout=short) as other:
-                    other.handle_failure("alice", "A", RL)
+            call("handle_failure", "alice", "A", RL)
+        with pytest.raises(OperationalError) as refused:
+            call("remove_agent", "alice")
+        assert isinstance(refused.value.orig, psycopg.errors.LockNotAvailable)
         holder.rollback()
     assert count(sw, "failures") == 0
+    assert [a.name for a in sw.agents()] == ["alice"]
