@@ -93,9 +93,6 @@ class _Door(Operations, Generic[E, X]):
         if policy is not None:
             options["policy"] = policy
         self.options = Options(**options)
-        # Whether sessions start with the door's lock_timeout (from_url's, but a host's engine's or a
-        # libpq service's are as they are): else each transaction of an operation sets it for itself.
-        self._sessions_have_lock_timeout = False
 
     @staticmethod
     def _engine_class() -> type[E]:
@@ -144,7 +141,6 @@ class _Door(Operations, Generic[E, X]):
             policy=policy,
             max_retries=max_retries,
         )
-        door._sessions_have_lock_timeout = given is not None
         # Connections that are in autocommit mode from birth: nothing to set or reset around a report.
         door._autocommit = cls._create_engine(
             url,
@@ -157,9 +153,10 @@ class _Door(Operations, Generic[E, X]):
 
     def _transaction(self, conn: Connection) -> Context:
         """The context of an operation in a transaction of its own, whose lock waits end after the
-        door's lock_timeout, as a switch's do, whatever the session's is."""
-        if not self._sessions_have_lock_timeout:
-            Registry(conn).bound_lock_waits(self.options.lock_timeout_setting)
+        door's lock_timeout, as a switch's do, whatever the session's is: a host's engine's, a libpq
+        service's, or from_url's own behind a proxy that drops its options (PgBouncer's
+        ``ignore_startup_parameters``). One statement more, for operations that are not the hot path."""
+        Registry(conn).bound_lock_waits(self.options.lock_timeout_setting)
         return Context(conn, self.options)
 
     def execution(
