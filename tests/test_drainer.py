@@ -322,3 +322,40 @@ def test_a_message_claimed_again_while_its_old_handler_runs_gets_one_handler_at_
 def lease_no(sw: Switcher) -> int:
     with sw.engine.connect() as conn:
         return int(conn.execute(text("SELECT max(lease_no) FROM switcher.outbox")).scalar_one())
+
+
+SIGNAL_INSIDE_THE_WAIT = r"""
+import os, signal, sys
+from sqlalchemy import create_engine
+from switcher.drainer import Drainer
+
+drainer = Drainer(create_engine("postgresql+psycopg://nobody@/nowhere"), {})
+drainer.install_signal_handlers()
+sent = 0
+
+def signal_at_every_call_inside_the_wait(frame, event, arg):
+    global sent
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    if event in ("call", "c_call") and "wait" in names and "<lambda>" not in names and sent < 50:
+        sent += 1  # "<lambda>": the handler itself, which may run at any of these calls
+        os.kill(os.getpid(), signal.SIGTERM)
+
+sys.setprofile(signal_at_every_call_inside_the_wait)
+woken = drainer._wake.wait(30)
+sys.setprofile(None)
+print(woken, sent, drainer.stopping.is_set() or getattr(drainer, "_signal", None) == signal.SIGTERM)
+"""
+
+
+def test_a_sigterm_at_any_instant_of_the_loops_wait_wakes_it() -> None:
+    """A signal handler runs between two bytecodes of the loop: one that took a lock the waiting loop holds
+    (threading.Event's) hung the drainer for good. Here SIGTERM arrives at every call inside the wait."""
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_INSIDE_THE_WAIT], check=True, capture_output=True, text=True, timeout=60
+    )
+    woken, sent, noted = result.stdout.split()
+    assert (woken, noted) == ("True", "True"), result.stderr
+    assert int(sent) >= 1

@@ -44,6 +44,7 @@ from .config import DrainerConfig, autocommit
 from .handlers import Handler, Handlers, NotifySwitch, RestartAgent
 from .leases import Abandoned, Claim, LeaseLost, Leases
 from .listener import Listener
+from .wake import Wake
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class Drainer:
         self.handlers = dict(handlers)
         self.config = config or DrainerConfig()
         self.stopping = threading.Event()
-        self._wake = threading.Event()
+        self._wake = Wake()
+        self._signal: int | None = None
         self.leases = Leases(self.engine, self.config.worker_id, self.config.lease)
         self.completions = CompletionBuffer(
             self.engine, self.leases, self.config, self.stopping, self._wake.set
@@ -135,8 +137,10 @@ class Drainer:
             signal.signal(sig, lambda signum, _frame: self._on_signal(signum))
 
     def _on_signal(self, signum: int) -> None:
-        log.info("stopping on %s", signal.Signals(signum).name, extra={"worker": self.config.worker_id})
-        self.stop()
+        # It runs between two bytecodes of the loop, which may hold a lock or be writing a log line: it only
+        # notes the signal and wakes the loop (both reentrant), and the loop stops.
+        self._signal = signum
+        self._wake.set()
 
     def close(self) -> None:
         """Dispose of the engine, if ``from_url`` made it."""
@@ -162,7 +166,13 @@ class Drainer:
         failures = 0
         try:
             while not self.stopping.is_set():
-                self._wake.clear()
+                self._wake.clear()  # before looking: a signal after this leaves the wake set
+                if self._signal is not None:
+                    log.info(
+                        "stopping on %s", signal.Signals(self._signal).name, extra={"worker": cfg.worker_id}
+                    )
+                    self.stop()
+                    break
                 self.last_tick = now = time.monotonic()
                 metrics.LAST_TICK.set_to_current_time()
                 try:
