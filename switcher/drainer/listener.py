@@ -16,14 +16,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from .config import Backoff
-from .wake import Wake
 
 log = logging.getLogger(__name__)
 
 
 class Listener:
     def __init__(
-        self, engine: Engine, channel: str, wake: Wake, stopping: threading.Event, backoff: Backoff
+        self, engine: Engine, channel: str, wake: threading.Event, stopping: threading.Event, backoff: Backoff
     ) -> None:
         self.engine = engine
         self.channel = channel

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import signal
 import threading
 import time
@@ -44,7 +45,6 @@ from .config import DrainerConfig, autocommit
 from .handlers import Handler, Handlers, NotifySwitch, RestartAgent
 from .leases import Abandoned, Claim, LeaseLost, Leases
 from .listener import Listener
-from .wake import Wake
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ class Drainer:
         self.handlers = dict(handlers)
         self.config = config or DrainerConfig()
         self.stopping = threading.Event()
-        self._wake = Wake()
-        self._signal: int | None = None
+        self._wake = threading.Event()
         self.leases = Leases(self.engine, self.config.worker_id, self.config.lease)
         self.completions = CompletionBuffer(
             self.engine, self.leases, self.config, self.stopping, self._wake.set
@@ -133,14 +132,22 @@ class Drainer:
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
+        # A handler runs between two bytecodes of the main thread, which may be holding a lock at that
+        # instant (the loop's own wake-up's, inside Event.wait) or writing a log line: taking the lock or
+        # writing again would hang it. So the handler only queues the signal (SimpleQueue.put is reentrant)
+        # and a thread of its own stops the drainer.
+        signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        stopper = threading.Thread(
+            target=self._stop_on, args=(signals,), name="switcher-signals", daemon=True
+        )
+        stopper.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, _frame: self._on_signal(signum))
+            signal.signal(sig, lambda signum, _frame: signals.put(signum))
 
-    def _on_signal(self, signum: int) -> None:
-        # It runs between two bytecodes of the loop, which may hold a lock or be writing a log line: it only
-        # notes the signal and wakes the loop (both reentrant), and the loop stops.
-        self._signal = signum
-        self._wake.set()
+    def _stop_on(self, signals: queue.SimpleQueue[int]) -> None:
+        signum = signals.get()
+        log.info("stopping on %s", signal.Signals(signum).name, extra={"worker": self.config.worker_id})
+        self.stop()
 
     def close(self) -> None:
         """Dispose of the engine, if ``from_url`` made it."""
@@ -165,13 +172,9 @@ class Drainer:
         next_house = next_prune = time.monotonic()
         failures = 0
         try:
-            while not self.stopping.is_set():
-                self._wake.clear()  # before looking: a signal after this leaves the wake set
-                if self._signal is not None:
-                    log.info(
-                        "stopping on %s", signal.Signals(self._signal).name, extra={"worker": cfg.worker_id}
-                    )
-                    self.stop()
+            while True:
+                self._wake.clear()
+                if self.stopping.is_set():  # after the clear: a stop() after it leaves the wake-up set
                     break
                 self.last_tick = now = time.monotonic()
                 metrics.LAST_TICK.set_to_current_time()
