@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import queue
+import os
 import signal
 import threading
 import time
@@ -132,20 +132,23 @@ class Drainer:
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
-        # A handler runs between two bytecodes of the main thread, which may be holding a lock at that
-        # instant (the loop's own wake-up's, inside Event.wait) or writing a log line: taking the lock or
-        # writing again would hang it. So the handler only queues the signal (SimpleQueue.put is reentrant)
-        # and a thread of its own stops the drainer.
-        signals: queue.SimpleQueue[int] = queue.SimpleQueue()
-        stopper = threading.Thread(
-            target=self._stop_on, args=(signals,), name="switcher-signals", daemon=True
-        )
-        stopper.start()
+        """Stop on SIGTERM or SIGINT. It takes over the interpreter's signal wake-up fd
+        (``signal.set_wakeup_fd``): call it from the main thread of a process that has none in use (an
+        asyncio loop's signal handlers use it)."""
+        # Python runs a handler in the main thread between two bytecodes: perhaps while it holds a lock
+        # (the loop's wake-up's, inside Event.wait) or writes a log line, which the handler could then not
+        # take or write without hanging; and only once the main thread runs, which a signal taken by
+        # another thread does not make it do. The interpreter also writes each signal's number to the
+        # wake-up fd, from whichever thread takes it: a thread of the drainer's reads it there and stops it.
+        reader, writer = os.pipe()
+        os.set_blocking(writer, False)
+        signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, _frame: signals.put(signum))
+            signal.signal(sig, lambda _signum, _frame: None)  # the byte in the pipe is what counts
+        threading.Thread(target=self._stop_on, args=(reader,), name="switcher-signals", daemon=True).start()
 
-    def _stop_on(self, signals: queue.SimpleQueue[int]) -> None:
-        signum = signals.get()
+    def _stop_on(self, signals: int) -> None:
+        signum = os.read(signals, 1)[0]
         log.info("stopping on %s", signal.Signals(signum).name, extra={"worker": self.config.worker_id})
         self.stop()
 
