@@ -15,6 +15,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from switcher import FailureKind, Switcher
@@ -399,3 +400,16 @@ def test_a_sigterm_reaches_the_handlers_while_the_loop_is_busy() -> None:
         timeout=60,
     )
     assert result.stdout.split() == ["True", "returned"], result.stderr
+
+
+def test_only_sigterm_and_sigint_stop_the_drainer(caplog: pytest.LogCaptureFixture) -> None:
+    """The wake-up fd also carries the signals the host handles itself."""
+    drainer = Drainer(create_engine("postgresql+psycopg://nobody@/nowhere"), {})
+    reader, writer = os.pipe()
+    os.write(writer, bytes([signal.SIGUSR1, signal.SIGCHLD, signal.SIGTERM]))
+    with caplog.at_level(logging.INFO, logger="switcher.drainer.loop"):
+        drainer._stop_on(reader)
+    os.close(reader)
+    os.close(writer)
+    assert drainer.stopping.is_set()
+    assert "stopping on SIGTERM" in caplog.text

@@ -148,7 +148,9 @@ class Drainer:
         threading.Thread(target=self._stop_on, args=(reader,), name="switcher-signals", daemon=True).start()
 
     def _stop_on(self, signals: int) -> None:
-        signum = os.read(signals, 1)[0]
+        stopping = (signal.SIGTERM, signal.SIGINT)
+        while (signum := os.read(signals, 1)[0]) not in stopping:  # others with a handler write there too
+            pass
         log.info("stopping on %s", signal.Signals(signum).name, extra={"worker": self.config.worker_id})
         self.stop()
 
