@@ -2,7 +2,8 @@
 
 An operation is a synchronous body taking a ``Context`` (a connection, the door's options) and the
 caller's arguments. Each front door turns it into a method: ``Switcher`` runs it on a connection of its
-engine, ``AsyncSwitcher`` runs the same body through ``AsyncConnection.run_sync`` and returns an awaitable.
+engine, ``AsyncSwitcher`` runs the same body in a greenlet (SQLAlchemy's bridge to asyncio) and returns an
+awaitable.
 The body validates its arguments first, so bad input writes nothing, then calls the database's door.
 
 How a door runs a body (``Operation.mode``):

@@ -128,7 +128,9 @@ class Outbox:
 
     def wake(self, message_id: int | None) -> None:
         """Wake the drainers (NOTIFY), once what they are woken for has committed."""
-        self._run("wake", channel=NOTIFY_CHANNEL, message="" if message_id is None else str(message_id))
+        _QUERIES.row(
+            self.conn, "wake", channel=NOTIFY_CHANNEL, message="" if message_id is None else str(message_id)
+        )
 
     # -- a drainer's side ------------------------------------------------------------------------------
 

@@ -36,11 +36,11 @@ class Registry:
 
     # -- the switch ------------------------------------------------------------------------------------
 
-    def handle_failure(self, **params: Any) -> Row[Any]:
-        return _SWITCH.run(self.conn, "handle_failure", **params).one()
+    def handle_failure(self, **params: Any) -> Any:
+        return _SWITCH.row(self.conn, "handle_failure", **params)
 
-    def assign(self, **params: Any) -> Row[Any]:
-        return _SWITCH.run(self.conn, "assign", **params).one()
+    def assign(self, **params: Any) -> Any:
+        return _SWITCH.row(self.conn, "assign", **params)
 
     def candidates(self, agent: str, snapshot: str | None) -> list[Candidate]:
         rows = _SWITCH.run(self.conn, "candidates", agent=agent, snapshot=snapshot)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import URL, create_engine, make_url, text
+from sqlalchemy import URL, create_engine, event, make_url, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -439,3 +440,39 @@ def test_lock_waits_end_after_the_doors_lock_timeout_whatever_the_sessions_say(
         holder.rollback()
     assert count(sw, "failures") == 0
     assert [a.name for a in sw.agents()] == ["alice"]
+
+
+@pytest.mark.parametrize("door", [Switcher, AsyncSwitcher])
+@pytest.mark.parametrize("watcher", ["listener", "echo"])
+def test_a_hosts_statement_listeners_and_sql_log_see_a_reports_statements(
+    sw: Switcher, url: str, caplog: pytest.LogCaptureFixture, door: type, watcher: str
+) -> None:
+    """A report's statements skip SQLAlchemy's execution when nothing watches them (``SqlFile.row``),
+    but never hide from a host that does: its cursor listeners and its SQL log see them."""
+    _two(sw)
+    echo = watcher == "echo"
+    engine: Any = (create_engine if door is Switcher else create_async_engine)(url, echo=echo)
+    seen: list[str] = []
+    if watcher == "listener":
+        sync_engine = engine if door is Switcher else engine.sync_engine
+        event.listen(sync_engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+
+    async def report_async() -> Any:
+        asw = AsyncSwitcher(engine)
+        try:
+            return await asw.handle_failure("alice", "A", RL)
+        finally:
+            await engine.dispose()
+
+    def report() -> Any:
+        if door is AsyncSwitcher:
+            return asyncio.run(report_async())
+        with Switcher(engine) as host:
+            return host.handle_failure("alice", "A", RL)
+
+    with caplog.at_level(logging.INFO, logger="sqlalchemy.engine"):
+        assert report().outcome is Outcome.SWITCHED
+    if echo:
+        seen = [r.getMessage() for r in caplog.records]
+    assert any("switcher.handle_failure_v2(" in s for s in seen), "the switch"
+    assert any("pg_notify(" in s for s in seen), "the wake-up after it"

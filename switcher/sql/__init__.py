@@ -4,8 +4,9 @@ A file is a sequence of blocks, each opened by a header comment line:
 
 * ``-- name: claim`` -- a query, with bound parameters written ``:name``, run by the concern's door
   (``Registry`` for ``registry.sql``, ``switch.sql`` and ``executions.sql``; ``Outbox`` for
-  ``outbox.sql``) straight through the driver (``SqlFile.run``): a report is a hot path, and SQLAlchemy's
-  statement compilation would cost as much client time as the rest of it;
+  ``outbox.sql``) in the driver's own parameter style (``SqlFile.run``): a report is a hot path, and
+  SQLAlchemy's statement compilation would cost as much client time as the rest of it. The report's
+  own statements go one step further (``SqlFile.row``);
 * ``-- function: handle_failure_v2`` -- a database function's definition. Functions are DDL: migrations
   create them from frozen copies of these blocks, and a test proves the migrated database holds exactly
   what these blocks say. A changed function gets a new name (``_v3``) in a new migration, so old and new
@@ -18,7 +19,8 @@ Lines before the first header describe the file. Comment lines right after a hea
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import namedtuple
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import Connection, CursorResult
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import NoResultFound
 
 from ..errors import InvalidInput
 
@@ -64,10 +67,50 @@ class SqlFile:
     """Query name -> its statement, in the driver's own parameter style (``%(name)s``)."""
     functions: dict[str, str]
     """Function name -> its ``CREATE FUNCTION`` statement."""
+    _row_types: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def run(self, conn: Connection, query: str, **params: Any) -> CursorResult[Any]:
         """Run a named query on ``conn``, in whatever transaction ``conn`` is in."""
         return conn.exec_driver_sql(self.queries[query], params)
+
+    def row(self, conn: Connection, query: str, **params: Any) -> Any:
+        """The one row of a named query (fields by name), run on ``conn``'s driver cursor.
+
+        For the statements of a report, which run once per call: SQLAlchemy's execution (its context,
+        its result object) costs more client time than the driver's. Nothing else changes: errors go
+        through SQLAlchemy's own handler, so they are the exceptions ``run`` raises and a lost
+        connection is invalidated; and when something watches the connection's statements (event
+        listeners, echo), the query goes through ``run``, which they see."""
+        if _watched(conn):
+            return self.run(conn, query, **params).one()
+        statement = self.queries[query]
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(statement, params)
+            values = cursor.fetchone()
+            if query not in self._row_types:  # the first call: name the fields as the query does
+                self._row_types[query] = namedtuple(query, [c[0] for c in cursor.description])
+        except Exception as error:
+            conn._handle_dbapi_exception(error, statement, params, cursor, None)
+        finally:
+            cursor.close()
+        if values is None:
+            raise NoResultFound(f"query {query!r} returned no row")
+        return self._row_types[query]._make(values)
+
+
+def _watched(conn: Connection) -> bool:
+    """Whether anything sees the statements ``conn`` runs: execute or cursor events on it, its engine or
+    their classes, the dialect's ``do_execute``, or SQL logging (``echo``)."""
+    events = conn.dispatch
+    return bool(
+        events.before_execute
+        or events.after_execute
+        or events.before_cursor_execute
+        or events.after_cursor_execute
+        or conn.dialect.dispatch.do_execute
+        or conn._echo
+    )
 
 
 DRIVER = "psycopg"
