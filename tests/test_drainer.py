@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, text
 from switcher import FailureKind, Switcher
 from switcher.api import database_url
 from switcher.drainer import Backoff, Claim, Drainer, DrainerConfig, LeaseLost
+from switcher.drainer.signals import read_signals
 from switcher.outbox import RESTART_AGENT, Outbox
 from tests import drainers
 from tests.conftest import outbox, outbox_rows, restart_rows, wait_for
@@ -378,7 +379,7 @@ def keep_house():  # a database call that takes its time
 
 def watch():
     busy.wait(60)
-    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # taken by this thread, not the main one
     print(drainer.stopping.wait(10), flush=True)  # the loop is still inside keep_house
     release.set()
 
@@ -402,14 +403,94 @@ def test_a_sigterm_reaches_the_handlers_while_the_loop_is_busy() -> None:
     assert result.stdout.split() == ["True", "returned"], result.stderr
 
 
-def test_only_sigterm_and_sigint_stop_the_drainer(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_only_sigterm_and_sigint_stop_the_drainer(caplog: pytest.LogCaptureFixture, stop: int) -> None:
     """The wake-up fd also carries the signals the host handles itself."""
     drainer = Drainer(create_engine("postgresql+psycopg://nobody@/nowhere"), {})
     reader, writer = os.pipe()
-    os.write(writer, bytes([signal.SIGUSR1, signal.SIGCHLD, signal.SIGTERM]))
+    os.write(writer, bytes([signal.SIGUSR1, signal.SIGCHLD, stop]))
     with caplog.at_level(logging.INFO, logger="switcher.drainer.loop"):
-        drainer._stop_on(reader)
+        read_signals(reader, -1, drainer._stop_on_signal)
     os.close(reader)
     os.close(writer)
     assert drainer.stopping.is_set()
-    assert "stopping on SIGTERM" in caplog.text
+    assert f"stopping on {signal.Signals(stop).name}" in caplog.text
+
+
+SIGNAL_TO_A_FORKED_CHILD = r"""
+import multiprocessing, time
+from sqlalchemy import create_engine
+from switcher.drainer import Drainer
+
+drainer = Drainer(create_engine("postgresql+psycopg://nobody@/nowhere"), {})
+drainer.install_signal_handlers()
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+child.start()
+child.terminate()
+child.join(10)
+print(child.exitcode, drainer.stopping.wait(1))
+"""
+
+
+def test_a_sigterm_to_a_forked_child_ends_the_child_not_the_drainer() -> None:
+    """The child inherits the wake-up fd and the handlers; its signals must not reach the parent's thread."""
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_TO_A_FORKED_CHILD],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.split() == [str(-signal.SIGTERM), "False"], result.stderr
+
+
+SIGNAL_WITH_AN_ASYNCIO_LOOP = r"""
+import asyncio, os, signal
+from sqlalchemy import create_engine
+from switcher.drainer import Drainer
+
+drainer = Drainer(create_engine("postgresql+psycopg://nobody@/nowhere"), {})
+
+async def main():
+    hup = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup.set)  # takes the wake-up fd
+    drainer.install_signal_handlers()  # takes it over
+    os.kill(os.getpid(), signal.SIGHUP)
+    await asyncio.wait_for(hup.wait(), 10)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: None)  # takes it back
+    os.kill(os.getpid(), signal.SIGTERM)
+    print(await asyncio.to_thread(drainer.stopping.wait, 10))
+
+asyncio.run(main())
+"""
+
+
+def test_an_asyncio_loops_signal_handlers_and_the_drainers_work_together() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WITH_AN_ASYNCIO_LOOP],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.split() == ["True"], result.stderr
+
+
+def test_a_stop_just_before_the_loop_clears_its_wake_up_is_not_slept_through() -> None:
+    """The loop clears its wake-up, then looks at ``stopping``: a stop() landing right before the clear
+    (a signal's, at the worst instant) ends the loop now, not after a poll interval of an hour."""
+    hours = DrainerConfig(listen=False, lease=timedelta(hours=3))  # housekeeping every hour: no early wake
+    drainer = Drainer(create_engine("postgresql+psycopg://nobody@/nowhere"), {}, hours)
+    drainer._keep_house = drainer._prune = drainer._say_goodbye = lambda: None  # type: ignore[method-assign]
+    drainer._claim = lambda executor: 3600.0  # type: ignore[method-assign]
+
+    class StopJustBeforeTheClear(threading.Event):
+        def clear(self) -> None:
+            drainer.stop()
+            super().clear()
+
+    drainer._wake = StopJustBeforeTheClear()
+    loop = threading.Thread(target=drainer.run, daemon=True)
+    loop.start()
+    loop.join(20)
+    assert not loop.is_alive(), "the loop slept through a stop"

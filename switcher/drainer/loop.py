@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 import threading
 import time
@@ -40,6 +39,7 @@ from ..errors import InvalidInput, Undeliverable
 from ..outbox import NOTIFY_CHANNEL, NOTIFY_SWITCH, RESTART_AGENT, Message, Outbox
 from ..registry import Registry
 from ..runtime import Runtime
+from . import signals
 from .completions import Completion, CompletionBuffer, fields
 from .config import DrainerConfig, autocommit
 from .handlers import Handler, Handlers, NotifySwitch, RestartAgent
@@ -132,26 +132,11 @@ class Drainer:
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
-        """Stop on SIGTERM or SIGINT. It takes over the interpreter's signal wake-up fd
-        (``signal.set_wakeup_fd``): call it from the main thread of a process that has none in use (an
-        asyncio loop's signal handlers use it)."""
-        # Python runs a handler in the main thread between two bytecodes: perhaps while it holds a lock
-        # (the loop's wake-up's, inside Event.wait) or writes a log line, which the handler could then not
-        # take or write without hanging; and only once the main thread runs, which a signal taken by
-        # another thread does not make it do. The interpreter also writes each signal's number to the
-        # wake-up fd, from whichever thread takes it: a thread of the drainer's reads it there and stops it.
-        reader, writer = os.pipe()
-        os.set_blocking(writer, False)
-        signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda _signum, _frame: None)  # the byte in the pipe is what counts
-        threading.Thread(target=self._stop_on, args=(reader,), name="switcher-signals", daemon=True).start()
+        """Stop on SIGTERM or SIGINT (``signals`` says how). Call it from the main thread."""
+        signals.stop_on_signals(self._stop_on_signal)
 
-    def _stop_on(self, signals: int) -> None:
-        stopping = (signal.SIGTERM, signal.SIGINT)
-        while (signum := os.read(signals, 1)[0]) not in stopping:  # others with a handler write there too
-            pass
-        log.info("stopping on %s", signal.Signals(signum).name, extra={"worker": self.config.worker_id})
+    def _stop_on_signal(self, signum: signal.Signals) -> None:
+        log.info("stopping on %s", signum.name, extra={"worker": self.config.worker_id})
         self.stop()
 
     def close(self) -> None:
