@@ -326,6 +326,13 @@ def lease_no(sw: Switcher) -> int:
         return int(conn.execute(text("SELECT max(lease_no) FROM switcher.outbox")).scalar_one())
 
 
+def _python(script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a Python of its own: signal handlers and the wake-up fd are per process."""
+    return subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60
+    )
+
+
 SIGNAL_INSIDE_THE_WAIT = r"""
 import os, signal, sys
 from sqlalchemy import create_engine
@@ -341,8 +348,8 @@ def signal_at_every_call_inside_the_wait(frame, event, arg):
     while frame is not None:
         names.append(frame.f_code.co_name)
         frame = frame.f_back
-    if event in ("call", "c_call") and "wait" in names and "<lambda>" not in names and sent < 50:
-        sent += 1  # "<lambda>": the handler itself, which may run at any of these calls
+    if event in ("call", "c_call") and "wait" in names and "note" not in names and sent < 50:
+        sent += 1  # "note": the handler itself, which may run at any of these calls
         os.kill(os.getpid(), signal.SIGTERM)
 
 sys.setprofile(signal_at_every_call_inside_the_wait)  # the main thread's, where handlers run
@@ -356,9 +363,7 @@ def test_a_sigterm_at_any_instant_of_the_loops_wait_stops_the_drainer() -> None:
     """A signal handler runs between two bytecodes of the main thread: one that set the loop's wake-up
     (a threading.Event) could wait for the lock the waiting loop itself held, and hung the drainer for
     good. Here SIGTERM arrives at every call inside the wait."""
-    result = subprocess.run(
-        [sys.executable, "-c", SIGNAL_INSIDE_THE_WAIT], check=True, capture_output=True, text=True, timeout=60
-    )
+    result = _python(SIGNAL_INSIDE_THE_WAIT)
     woken, sent, stopping = result.stdout.split()
     assert (woken, stopping) == ("True", "True"), result.stderr
     assert int(sent) >= 1
@@ -393,13 +398,7 @@ print("returned")
 def test_a_sigterm_reaches_the_handlers_while_the_loop_is_busy() -> None:
     """Handlers watch ``stopping`` (to give up waiting for executions, to give prefetched messages back):
     it is set when the signal comes, not when the loop next comes round."""
-    result = subprocess.run(
-        [sys.executable, "-c", SIGNAL_WHILE_THE_LOOP_IS_BUSY],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _python(SIGNAL_WHILE_THE_LOOP_IS_BUSY)
     assert result.stdout.split() == ["True", "returned"], result.stderr
 
 
@@ -434,13 +433,7 @@ print(child.exitcode, drainer.stopping.wait(1))
 
 def test_a_sigterm_to_a_forked_child_ends_the_child_not_the_drainer() -> None:
     """The child inherits the wake-up fd and the handlers; its signals must not reach the parent's thread."""
-    result = subprocess.run(
-        [sys.executable, "-c", SIGNAL_TO_A_FORKED_CHILD],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _python(SIGNAL_TO_A_FORKED_CHILD)
     assert result.stdout.split() == [str(-signal.SIGTERM), "False"], result.stderr
 
 
@@ -466,13 +459,7 @@ asyncio.run(main())
 
 
 def test_an_asyncio_loops_signal_handlers_and_the_drainers_work_together() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", SIGNAL_WITH_AN_ASYNCIO_LOOP],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _python(SIGNAL_WITH_AN_ASYNCIO_LOOP)
     assert result.stdout.split() == ["True"], result.stderr
 
 
