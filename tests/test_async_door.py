@@ -166,6 +166,31 @@ def test_a_cancelled_report_leaves_the_pool_usable(sw: Switcher, url: str) -> No
     assert count(sw, "failures", "agent_id = (SELECT id FROM switcher.agents WHERE name = 'alice')") == 0
 
 
+def test_a_report_cancelled_twice_leaves_the_pool_usable(sw: Switcher, url: str) -> None:
+    """A second cancellation interrupts psycopg's cancel-and-drain of the first, and psycopg closes the
+    connection: SQLAlchemy must invalidate it rather than pool it (from_url's autocommit pool has no
+    reset on return that would notice), or every later report on it fails."""
+    _three(sw)
+
+    async def body(asw: AsyncSwitcher) -> Any:
+        await asw.handle_failure("bob", "A", RL)  # the door's only connection is in the pool
+        with sw.engine.connect() as holder:
+            holder.begin()
+            holder.execute(text("SELECT FROM switcher.agents WHERE name = 'alice' FOR UPDATE"))
+            report = asyncio.ensure_future(asw.handle_failure("alice", "A", RL))
+            while not _lock_waiters(sw) and not report.done():
+                await asyncio.sleep(0.01)
+            report.cancel()
+            await asyncio.sleep(0)  # psycopg is now cancelling the query on the server
+            report.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await report
+            holder.rollback()
+        return [await asw.assign("bob", "C"), await asw.handle_failure("bob", "C", RL)]
+
+    assert [r.outcome for r in _run(url, body, pool_size=1, max_overflow=0)] == [Outcome.SWITCHED] * 2
+
+
 def test_a_report_on_a_hosts_engine_commits_and_hands_its_connection_back_unchanged(
     sw: Switcher, url: str
 ) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
+import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -476,3 +479,48 @@ def test_a_hosts_statement_listeners_and_sql_log_see_a_reports_statements(
         seen = [r.getMessage() for r in caplog.records]
     assert any("switcher.handle_failure_v2(" in s for s in seen), "the switch"
     assert any("pg_notify(" in s for s in seen), "the wake-up after it"
+
+
+class _Deadline(BaseException):
+    """What a request deadline raises in some servers (gevent.Timeout, func_timeout): not an Exception."""
+
+
+def test_a_report_interrupted_mid_statement_does_not_pool_its_connection(sw: Switcher, url: str) -> None:
+    """Interrupted by a BaseException while it waits for a lock, a report's connection is mid-statement:
+    it is dropped, as SQLAlchemy's execution drops it, and the next report gets a good one."""
+    _two(sw)
+    sw.add_agent("bob", subscription="A")
+
+    def deadline(*_: object) -> None:
+        raise _Deadline()
+
+    def interrupt_once_it_waits() -> None:
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        with sw.engine.connect() as conn:
+            while not conn.execute(text(waiting)).scalar_one():
+                time.sleep(0.01)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+
+    previous = signal.signal(signal.SIGALRM, deadline)
+    try:
+        with Switcher.from_url(url, pool_size=1, max_overflow=0) as door, sw.engine.connect() as holder:
+            holder.begin()
+            holder.execute(text("SELECT FROM switcher.agents WHERE name = 'alice' FOR UPDATE"))
+            threading.Thread(target=interrupt_once_it_waits, daemon=True).start()
+            with pytest.raises(_Deadline):
+                door.handle_failure("alice", "A", RL)
+            holder.rollback()
+            assert door.handle_failure("bob", "A", RL).outcome is Outcome.SWITCHED
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_report_on_a_pooled_connection_the_driver_closed_reconnects(sw: Switcher, url: str) -> None:
+    """A pooled connection that psycopg closed behind SQLAlchemy's back (as after an interrupted
+    cancellation) fails when the report makes its cursor: that error too is SQLAlchemy's, the connection
+    invalidated and the report retried on a new one."""
+    _two(sw)
+    with Switcher.from_url(url, pool_size=1, max_overflow=0) as door:
+        with door._autocommit.connect() as conn:
+            conn.connection.dbapi_connection.close()
+        assert door.handle_failure("alice", "A", RL).outcome is Outcome.SWITCHED

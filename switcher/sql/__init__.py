@@ -84,13 +84,21 @@ class SqlFile:
         if _watched(conn):
             return self.run(conn, query, **params).one()
         statement = self.queries[query]
-        cursor = conn.connection.cursor()
+        # As SQLAlchemy's execution does: getting the DBAPI connection reconnects an invalidated one
+        # (handling its own errors); from the cursor on, every error -- BaseException too: a cancelled
+        # task, a deadline -- goes through the handler, which drops a connection left closed or
+        # mid-statement instead of pooling it (from_url's autocommit pool resets nothing on return).
+        dbapi_connection = conn.connection
+        try:
+            cursor = dbapi_connection.cursor()
+        except BaseException as error:
+            conn._handle_dbapi_exception(error, statement, params, None, None)
         try:
             cursor.execute(statement, params)
             values = cursor.fetchone()
             if query not in self._row_types:  # the first call: name the fields as the query does
                 self._row_types[query] = namedtuple(query, [c[0] for c in cursor.description])
-        except Exception as error:
+        except BaseException as error:
             conn._handle_dbapi_exception(error, statement, params, cursor, None)
         finally:
             cursor.close()
