@@ -495,15 +495,21 @@ def test_a_report_interrupted_mid_statement_does_not_pool_its_connection(sw: Swi
         raise _Deadline()
 
     def interrupt_once_it_waits() -> None:
-        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-        with sw.engine.connect() as conn:
-            while not conn.execute(text(waiting)).scalar_one():
-                time.sleep(0.01)
-        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        for _ in range(3000):
+            with sw.engine.connect() as conn:  # a transaction per look: the view is a snapshot in one
+                if conn.execute(waiting).scalar_one():
+                    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+                    return
+            time.sleep(0.01)
 
     previous = signal.signal(signal.SIGALRM, deadline)
+    long_wait = {"lock_timeout": timedelta(seconds=60), "pool_size": 1, "max_overflow": 0}
     try:
-        with Switcher.from_url(url, pool_size=1, max_overflow=0) as door, sw.engine.connect() as holder:
+        with Switcher.from_url(url, **long_wait) as door, sw.engine.connect() as holder:
             holder.begin()
             holder.execute(text("SELECT FROM switcher.agents WHERE name = 'alice' FOR UPDATE"))
             threading.Thread(target=interrupt_once_it_waits, daemon=True).start()
